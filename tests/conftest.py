@@ -1,0 +1,53 @@
+"""Shared fixtures: a small generated English-like corpus and a fully offline environment."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+# Nothing in the tests may reach a hub: fail at once instead of retrying for ~20 s.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_SUBJECTS = ["the old man", "a young sailor", "the king", "my brother", "the whale", "our captain", "the queen", "a stranger"]
+_VERBS = ["saw", "followed", "praised", "feared", "remembered", "called", "answered", "carried"]
+_OBJECTS = ["the sea", "a letter", "the golden crown", "his ship", "the quiet town", "an old song", "the long road", "her friend"]
+_ENDINGS = ["at dawn", "in silence", "with great care", "before the storm", "without a word", "once again"]
+
+
+def generate_documents(count: int, seed: int = 0, sentences: tuple[int, int] = (5, 30)) -> list[str]:
+    """Deterministic documents of simple English sentences (a learnable, non-trivial language)."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(count):
+        n = rng.randint(*sentences)
+        sents = [f"{rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_ENDINGS)}."
+                 for _ in range(n)]
+        docs.append(" ".join(sents))
+    return docs
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    """A folder with the same generated corpus as .txt files and as one .jsonl file."""
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    docs = generate_documents(200)
+    for i in range(4):
+        (folder / f"part{i}.txt").write_text("\n\n".join(docs[i * 50:(i + 1) * 50]) + "\n")
+    with open(folder / "docs.jsonl", "w") as fh:
+        for doc in docs:
+            fh.write(json.dumps({"text": doc}) + "\n")
+    return folder
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    return folder
