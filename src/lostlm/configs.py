@@ -58,6 +58,10 @@ class ModelConfig:
     """Std of the normal initialiser of every weight matrix (LLaMA: 0.02)."""
     tie_embeddings: bool = False
     """Share the input embedding and the LM head."""
+    init_from: str | None = None
+    """Local folder of a Hugging Face Llama checkpoint: its config sets the shape (preset and
+    the shape keys above are ignored) and its weights are W0 of every layer, so LOST starts
+    from the SVD of the real pretrained weights. Use the same folder as data.tokenizer."""
 
 
 # hidden / intermediate / heads / layers, DESIGN.md §5; default LOST rank per size.
@@ -187,8 +191,8 @@ class TrainConfig:
     """Save a checkpoint every N steps (and at the end). 0: only at the end."""
     keep_checkpoints: int = 2
     """How many recent checkpoints to keep."""
-    out_dir: str = "runs/default"
-    """Run folder: checkpoints, metrics.jsonl, summary.json, curves.png."""
+    out_dir: str | None = None
+    """Run folder: checkpoints, metrics.jsonl, summary.json, curves.png. None: runs/<method>-<preset>."""
     resume: str = "auto"
     """auto: continue from the latest checkpoint in out_dir if there is one; never: refuse to
     start when out_dir holds a checkpoint (nothing is overwritten)."""
@@ -228,6 +232,8 @@ class Config:
 
     def __post_init__(self) -> None:
         validate(self)
+        if self.train.out_dir is None:
+            self.train.out_dir = f"runs/{self.layer.method}-{self.model.preset}"
 
     # -- derived values -------------------------------------------------------------
     def resolved_model(self) -> ModelConfig:

@@ -1,0 +1,112 @@
+"""Command line: ``lostlm train | eval | ...``.
+
+    lostlm train                                   # the default job: LOST, tiny preset, bundled corpus
+    lostlm train configs/tiny.yaml --method full   # a recipe, another parametrisation
+    lostlm train configs/60m.yaml train.lr=1e-3 layer.rank=64 --out runs/60m-r64
+    lostlm eval runs/default                       # validation loss/perplexity of a run's latest checkpoint
+
+Every ``section.key=value`` argument overrides one config key (values are parsed as YAML).
+Errors in the user's input are printed as one ``error: ...`` line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+from .configs import METHODS, load_config
+from .errors import LostLMError
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="pre-train a model (no arguments: the default LOST job)")
+    p.add_argument("config", nargs="?", help="recipe .yaml/.toml (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.lr=1e-3")
+    p.add_argument("--method", choices=METHODS, help="parametrisation (layer.method)")
+    p.add_argument("--preset", help="model preset (model.preset)")
+    p.add_argument("--steps", type=int, help="optimizer steps (train.steps)")
+    p.add_argument("--out", help="run folder (train.out_dir); default runs/<method>-<preset>")
+    p.add_argument("--seed", type=int, help="seed (train.seed)")
+    p.set_defaults(func=cmd_train)
+
+
+def _train_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    config, overrides = args.config, list(args.overrides)
+    if config and "=" in config and not Path(config).exists():  # only overrides were given
+        overrides.insert(0, config)
+        config = None
+    for flag, key in (("method", "layer.method"), ("preset", "model.preset"), ("steps", "train.steps"),
+                      ("out", "train.out_dir"), ("seed", "train.seed")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    return config, overrides
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    config, overrides = _train_overrides(args)
+    cfg = load_config(config, overrides)
+    from .train import Trainer, format_summary
+
+    trainer = Trainer(cfg)
+    if trainer.env.is_main:
+        print(f"run folder: {cfg.train.out_dir}   (resuming at step {trainer.step})" if trainer.step else
+              f"run folder: {cfg.train.out_dir}", file=sys.stderr)
+        print(f"data: {json.dumps(trainer.data.describe())}", file=sys.stderr)
+    summary = trainer.train()
+    if trainer.env.is_main:
+        print(format_summary(summary))
+        print(f"curves: {Path(cfg.train.out_dir) / 'curves.png'}   summary: {Path(cfg.train.out_dir) / 'summary.json'}")
+    return 0
+
+
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="validation loss and perplexity of a run or checkpoint")
+    p.add_argument("path", help="run folder (uses its latest checkpoint) or a checkpoints/step_* folder")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides of the run's config (e.g. data.val_tokens=...)")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(Path(args.path), args.overrides)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+# Modules that contribute sub-commands through a ``register(subparsers)`` function.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lostlm", description="Pre-train LLaMA models with LOST and its baselines.")
+    sub = parser.add_subparsers(dest="command")
+    _add_train(sub)
+    _add_eval(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"lostlm.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        argv = ["train"]
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except LostLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

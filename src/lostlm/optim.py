@@ -1,0 +1,62 @@
+"""Optimizer and learning-rate schedule.
+
+* AdamW (β = 0.9/0.95) for every method; weight decay only on matrices (norm gains and other
+  vectors are not decayed).
+* ``layer.method = galore``: the targeted projections stay dense and are trained with
+  ``galore_torch.GaLoreAdamW`` (gradient projected to rank ``layer.galore_rank``, projection
+  refreshed every ``layer.galore_update_gap`` steps); everything else with plain Adam inside
+  the same optimizer, as in the GaLore paper.
+* Schedule: linear warmup from 0 to the peak, then cosine decay to ``min_lr_ratio`` × peak.
+  The rate is a pure function of the step, so resume needs no scheduler state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .configs import Config
+from .convert import matches
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Learning rate for optimizer step ``step`` (0-based)."""
+    t = cfg.train
+    warmup = t.warmup_steps if t.warmup_steps is not None else max(1, t.steps // 10)
+    if warmup > 0 and step < warmup:
+        return t.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, t.steps - warmup))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return t.lr * (t.min_lr_ratio + (1.0 - t.min_lr_ratio) * cosine)
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    betas = (t.beta1, t.beta2)
+    if cfg.layer.method != "galore":
+        fused = next(model.parameters()).device.type == "cuda"
+        return torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=betas, fused=fused or None)
+    from galore_torch import GaLoreAdamW
+
+    galore_ids = set()
+    galore_params = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and matches(name, cfg.layer.targets):
+            galore_params.append(module.weight)
+            galore_ids.add(id(module.weight))
+    groups = _param_groups(model, t.weight_decay)
+    for group in groups:
+        group["params"] = [p for p in group["params"] if id(p) not in galore_ids]
+    groups.append({"params": galore_params, "weight_decay": t.weight_decay, "rank": cfg.layer.galore_rank,
+                   "update_proj_gap": cfg.layer.galore_update_gap, "scale": cfg.layer.galore_scale, "proj_type": "std"})
+    return GaLoreAdamW(groups, lr=t.lr, betas=betas, eps=1e-8, no_deprecation_warning=True)
