@@ -51,3 +51,25 @@ def cache_dir(tmp_path: Path) -> Path:
     folder = tmp_path / "cache"
     folder.mkdir()
     return folder
+
+
+def tiny_run_overrides(corpus_dir: Path, cache_dir: Path, out_dir: Path, **extra) -> list[str]:
+    """key=value overrides of a seconds-long CPU run on the generated corpus."""
+    values = {
+        "data.source": "files", "data.paths": f"[{corpus_dir}/docs.jsonl]", "data.cache_dir": str(cache_dir),
+        "data.bpe_vocab_size": 400, "data.seq_len": 32, "data.val_tokens": 1024, "data.val_fraction": 0.1,
+        "model.hidden_size": 32, "model.intermediate_size": 64, "model.num_heads": 4, "model.num_layers": 2,
+        "layer.rank": 8, "layer.density": 0.1, "train.batch_size": 8, "train.steps": 6, "train.lr": 3e-3,
+        "train.precision": "fp32", "train.progress": False, "train.peak_flops": 1e9, "train.eval_every": 3,
+        "train.log_every": 1, "train.checkpoint_every": 3, "train.out_dir": str(out_dir),
+    }
+    values.update({k.replace("__", "."): v for k, v in extra.items()})
+    return [f"{k}={v}" for k, v in values.items()]
+
+
+@pytest.fixture
+def tiny_run(corpus_dir: Path, cache_dir: Path, tmp_path: Path):
+    """Factory: tiny_run(out_name, **overrides) -> list of overrides (use train__steps=... for train.steps)."""
+    def make(name: str = "run", **extra) -> list[str]:
+        return tiny_run_overrides(corpus_dir, cache_dir, tmp_path / name, **extra)
+    return make

@@ -49,3 +49,14 @@ def test_bad_files_and_overrides(tmp_path):
 def test_defaults_are_valid():
     cfg = Config()
     assert cfg.layer.method == "lost" and cfg.model.preset == "tiny" and cfg.resolved_rank() == 64
+
+
+def test_every_shipped_recipe_loads_and_tiny_is_the_default():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parent.parent / "configs").rglob("*.*ml"))
+    assert len(recipes) >= 6
+    for recipe in recipes:
+        load_config(recipe)
+    tiny = load_config(Path(__file__).parent.parent / "configs" / "tiny.yaml")
+    assert tiny.to_dict() == Config().to_dict()

@@ -47,9 +47,12 @@ def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t")
     """Replace every tensor in a nested structure by a reference into ``tensors``. Objects
     (e.g. GaLore's projector) are stored as their class path plus their flattened attributes."""
     if isinstance(obj, torch.Tensor):
-        key = f"{prefix}"
-        tensors[key] = obj.detach().cpu().contiguous()
-        return {"__tensor__": key}
+        tensors[prefix] = obj.detach().cpu().contiguous()
+        if obj.dim() > 1 and not obj.is_contiguous():
+            # Keep the memory layout: a matmul with a transposed/sliced view rounds differently
+            # than with a contiguous copy, and resume must be bit-exact (GaLore's projectors).
+            return {"__tensor__": prefix, "stride": list(obj.stride())}
+        return {"__tensor__": prefix}
     if isinstance(obj, dict):
         return {"__dict__": [[flatten_state(k, tensors, f"{prefix}.k{i}"), flatten_state(v, tensors, f"{prefix}.{i}")]
                              for i, (k, v) in enumerate(obj.items())]}
@@ -69,7 +72,10 @@ def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return [unflatten_state(v, tensors) for v in obj]
     if isinstance(obj, dict):
         if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
+            tensor = tensors[obj["__tensor__"]]
+            if "stride" in obj:
+                tensor = torch.empty_strided(tensor.shape, obj["stride"], dtype=tensor.dtype).copy_(tensor)
+            return tensor
         if "__tuple__" in obj:
             return tuple(unflatten_state(v, tensors) for v in obj["__tuple__"])
         if "__dict__" in obj:

@@ -339,8 +339,14 @@ class Trainer:
         try:
             while self.step < t.steps:
                 start = time.perf_counter()
+                position = self.data.state_dict()  # to roll back a step interrupted half-way
                 batch = self.data.next_batch(t.batch_size, self.env.rank, self.env.world_size)
-                stats = self.train_step(batch)
+                try:
+                    stats = self.train_step(batch)
+                except KeyboardInterrupt:
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self.data.load_state_dict(position)
+                    raise
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 elapsed = time.perf_counter() - start
