@@ -122,3 +122,27 @@ def test_unreadable_checkpoint_gives_clear_error(tiny_run, tmp_path, capsys):
     code, out, err = run_cli(["train", *tiny_run("broken")], capsys)
     assert code == 2 and "model.safetensors" in one_error_line(err)
     assert (ckpt / "state.json").is_file()  # nothing was deleted
+
+
+def test_sigterm_saves_a_checkpoint_before_stopping(tiny_run, tmp_path):
+    """A pre-empted job (SIGTERM) keeps its work: checkpoint saved, one error line, exit 2."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = tiny_run("term", train__steps=100000, train__checkpoint_every=0, train__eval_every=100000)
+    proc = subprocess.Popen([sys.executable, "-m", "lostlm", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    metrics = tmp_path / "term" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.is_file() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: interrupted at step") and "Traceback" not in err
+    ckpt = latest_checkpoint(tmp_path / "term")
+    assert ckpt is not None and json.loads((ckpt / "state.json").read_text())["step"] >= 3

@@ -143,7 +143,7 @@ class DataConfig:
     """tokenizer=bpe: vocabulary size of the trained BPE."""
     seq_len: int = 256
     """Tokens per training sequence (documents are packed, EOS-separated)."""
-    val_fraction: float = 0.02
+    val_fraction: float = 0.04
     """Share of documents held out for validation (deterministic, by content hash)."""
     val_tokens: int = 131072
     """Tokens of held-out text used for each evaluation."""

@@ -26,6 +26,8 @@ import contextlib
 import json
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,6 +104,18 @@ def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if _cpu_supports_bf16() else None
 
 
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _interrupt_on_sigterm():
+    """Treat SIGTERM (a scheduler's pre-emption, ``kill``) like Ctrl-C: save, then stop.
+    Returns the previous handler, or None off the main thread where handlers cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+
+
 def significant_differences(saved: dict, current: dict) -> list[str]:
     """Config keys whose change would make a resumed run differ from an uninterrupted one."""
     diffs = []
@@ -134,6 +148,9 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         t = cfg.train
+        if t.parallel == "fsdp" and cfg.layer.method == "galore":
+            raise LostLMError("layer.method=galore needs whole gradient matrices for its projection; "
+                              "use train.parallel=ddp with GaLore")
         if t.threads:
             torch.set_num_threads(t.threads)
         self.env = init_distributed("cuda" if t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available()) else "cpu")
@@ -154,12 +171,17 @@ class Trainer:
         self.data = build_data(cfg.data, t.seed)
         self.model, self.conversion = build_model(cfg, self.data.vocab_size)
         self.model.to(self.device)
-        self.optimizer = build_optimizer(self.model, cfg)
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
-        self._resume_or_start()
+        self._optimizer_state = None
+        self._resume_or_start()  # weights now, the optimizer's state once it exists
         self.train_model = self._wrap(self.model)
+        # Built after wrapping: FSDP2 replaces the parameters by sharded DTensors.
+        self.optimizer = build_optimizer(self.model, cfg)
+        if self._optimizer_state is not None:
+            self._load_optimizer_state(*self._optimizer_state)
+            self._optimizer_state = None
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -171,7 +193,9 @@ class Trainer:
             else:
                 from torch.nn.parallel import DistributedDataParallel
                 ids = [self.device.index] if self.device.type == "cuda" else None
-                model = DistributedDataParallel(model, device_ids=ids)
+                # No buffer broadcast before every forward: our buffers (RoPE tables, LOST channel
+                # indices) never change, and DDP already broadcast them once at construction.
+                model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
         if self.cfg.train.compile:
             model = torch.compile(model)
         return model
@@ -193,6 +217,8 @@ class Trainer:
                               "use another train.out_dir, or train.resume=auto to continue it")
         if latest is not None:
             self._restore(latest)
+        if self.env.world_size > 1:
+            dist.barrier()  # every rank has read config.yaml and the checkpoint before rank 0 rewrites them
         if self.env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, config_file)
@@ -205,16 +231,23 @@ class Trainer:
         state = ckpt_io.read_state(path)
         ckpt_io.load_weights_into(self.model, ckpt_io.load_model_state(path), path)
         optimizer_state, rng = ckpt_io.load_optimizer_state(path, state)
-        try:
-            self.optimizer.load_state_dict(optimizer_state)
-        except (ValueError, KeyError) as exc:
-            raise LostLMError(f"checkpoint {path} has optimizer state that does not fit ({exc}); "
-                              "it was made with a different layer.method or model") from None
+        self._optimizer_state = (optimizer_state, path)  # loaded after wrapping, in __init__
         ckpt_io.restore_rng(rng)
         self.data.load_state_dict(state["data"])
         self.step = state["step"]
         self.tokens_seen = state["tokens"]
         self.train_seconds = state.get("train_seconds", 0.0)
+
+    def _load_optimizer_state(self, optimizer_state: dict, path: Path) -> None:
+        try:
+            if self.cfg.train.parallel == "fsdp":
+                from .parallel import load_full_optimizer_state
+                load_full_optimizer_state(self.model, self.optimizer, optimizer_state)
+            else:
+                self.optimizer.load_state_dict(optimizer_state)
+        except (ValueError, KeyError) as exc:
+            raise LostLMError(f"checkpoint {path} has optimizer state that does not fit ({exc}); "
+                              "it was made with a different layer.method or model") from None
 
     def _trim_metrics(self) -> None:
         """After a resume, drop log lines from steps the checkpoint does not contain."""
@@ -291,6 +324,9 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Token-weighted validation loss over the whole held-out set (all processes)."""
         batches = self.data.val_batches(self.micro_batch, self.env.rank, self.env.world_size)
+        if self.env.world_size > 1 and self.cfg.train.parallel == "fsdp":
+            from .parallel import even_batches  # FSDP2: every forward is collective
+            batches = even_batches(batches, self.data.seq_len + 1, self.device)
         return evaluate_loss(self.train_model, batches, self.device, self._autocast, self.env.world_size > 1)
 
     def unigram_perplexity(self) -> float:
@@ -314,7 +350,7 @@ class Trainer:
                                        keep=self.cfg.train.keep_checkpoints)
 
     def _state_dicts(self):
-        if self.env.world_size > 1 and self.cfg.train.parallel == "fsdp":
+        if self.cfg.train.parallel == "fsdp":  # name-keyed optimizer state, also for one process
             from .parallel import gathered_state_dicts
             return gathered_state_dicts(self.model, self.optimizer)
         return self.model.state_dict(), self.optimizer.state_dict()
@@ -336,6 +372,7 @@ class Trainer:
             progress = tqdm(total=t.steps, initial=self.step, desc=f"{self.cfg.layer.method}", unit="step", dynamic_ncols=True)
         session_tokens, session_seconds = 0, 0.0
         last_eval = None
+        previous_handler = _interrupt_on_sigterm()
         try:
             while self.step < t.steps:
                 start = time.perf_counter()
@@ -377,6 +414,9 @@ class Trainer:
                 progress.close()
             path = self.save()
             raise LostLMError(f"interrupted at step {self.step}; saved {path}; run the same command to resume") from None
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
         if progress is not None:
             progress.close()
         if last_eval is None:
