@@ -1,0 +1,426 @@
+"""Hugging Face ``transformers`` integration: a ``lost_llama`` model type, and Llama import.
+
+Two directions:
+
+* **out** — :class:`LostLlamaForCausalLM` is our :class:`~lostlm.model.LlamaLM` (LOST or any
+  baseline layers included) as a ``PreTrainedModel``. Importing ``lostlm`` registers it with
+  ``AutoConfig`` / ``AutoModelForCausalLM``, so a saved folder works with the usual calls::
+
+      import lostlm, transformers
+      model = transformers.AutoModelForCausalLM.from_pretrained("out/lost-hf")
+      model.generate(**tokenizer("The king", return_tensors="pt"), max_new_tokens=20)
+
+  :func:`save_hf` writes a trained run (``load_trained_run``) as such a folder
+  (``lostlm export RUN --out DIR``). Parameter names are exactly those of our checkpoints.
+  There is no KV cache: every generated token recomputes the whole prefix.
+
+* **in** — :func:`llama_from_pretrained` reads a local ``transformers`` Llama folder
+  (config.json + safetensors) into our dense ``LlamaLM``: the base of ``model.init_from``
+  (continued full-rank training, or LOST initialised from the SVD of the real weights).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PretrainedConfig,
+                          PreTrainedModel)
+from transformers.modeling_outputs import CausalLMOutput
+
+from .configs import LayerConfig, ModelConfig, config_from_dict
+from .convert import DENSE_METHODS, build_layer, convert_linear_layers, matches
+from .errors import LostLMError
+from .model import LlamaLM, rope_tables
+
+MODEL_TYPE = "lost_llama"
+# LayerConfig fields a lost_llama config carries (the galore_* fields only matter to the optimizer).
+LAYER_KEYS = ("method", "targets", "rank", "density", "gamma", "activation", "channel_score", "sparse_axis",
+              "sparse_init", "svd_window", "svd_dtype")
+
+
+class LostLlamaConfig(PretrainedConfig):
+    """The LLaMA shape under transformers' names plus our layer config (``method``, ``rank`` ...).
+
+    Written with an explicit ``__init__`` (the classic custom-config pattern) so it works with
+    transformers 4.x and 5.x alike."""
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, vocab_size: int = 32000, hidden_size: int = 256, intermediate_size: int = 688,
+                 num_hidden_layers: int = 4, num_attention_heads: int = 4, num_key_value_heads: int | None = None,
+                 max_position_embeddings: int = 2048, rope_theta: float = 10000.0, rms_norm_eps: float = 1e-6,
+                 initializer_range: float = 0.02, tie_word_embeddings: bool = False,
+                 method: str = "lost", targets: list[str] | None = None, rank: int = 64, density: float = 0.03,
+                 gamma: float = 0.5, activation: str = "silu", channel_score: str = "l2", sparse_axis: str = "input",
+                 sparse_init: str = "residual", svd_window: int | None = None, svd_dtype: str = "float32",
+                 bos_token_id: int | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 **kwargs: Any) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads if num_key_value_heads is not None else num_attention_heads
+        self.max_position_embeddings = max_position_embeddings
+        self.rope_theta = float(rope_theta)
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.method = method
+        self.targets = list(targets) if targets is not None else list(LayerConfig().targets)
+        self.rank = rank
+        self.density = density
+        self.gamma = gamma
+        self.activation = activation
+        self.channel_score = channel_score
+        self.sparse_axis = sparse_axis
+        self.sparse_init = sparse_init
+        self.svd_window = svd_window
+        self.svd_dtype = svd_dtype
+        kwargs.pop("use_cache", None)  # there is no cache (see module docstring)
+        # Through the base class: transformers 4.x sets these four in its own __init__.
+        super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
+                         pad_token_id=pad_token_id, **kwargs)
+
+    # -- to and from our own configs -------------------------------------------------
+    def lostlm_configs(self) -> tuple[ModelConfig, LayerConfig]:
+        """(ModelConfig, LayerConfig), validated by lostlm's own rules (LostLMError on bad values)."""
+        cfg = config_from_dict({
+            "model": dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+                          num_heads=self.num_attention_heads, num_kv_heads=self.num_key_value_heads,
+                          num_layers=self.num_hidden_layers, max_seq_len=self.max_position_embeddings,
+                          rope_theta=self.rope_theta, norm_eps=self.rms_norm_eps, init_std=self.initializer_range,
+                          tie_embeddings=self.tie_word_embeddings),
+            "layer": {key: getattr(self, key) for key in LAYER_KEYS},
+        })
+        return cfg.resolved_model(), cfg.layer
+
+    @classmethod
+    def from_lostlm(cls, model_cfg: ModelConfig, layer_cfg: LayerConfig, rank: int, **kwargs: Any) -> "LostLlamaConfig":
+        layer = {key: getattr(layer_cfg, key) for key in LAYER_KEYS if key != "rank"}
+        return cls(vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.hidden_size,
+                   intermediate_size=model_cfg.intermediate_size, num_hidden_layers=model_cfg.num_layers,
+                   num_attention_heads=model_cfg.num_heads, num_key_value_heads=model_cfg.num_kv_heads,
+                   max_position_embeddings=model_cfg.max_seq_len, rope_theta=model_cfg.rope_theta,
+                   rms_norm_eps=model_cfg.norm_eps, initializer_range=model_cfg.init_std,
+                   tie_word_embeddings=model_cfg.tie_embeddings, rank=rank, **layer, **kwargs)
+
+
+class LostLlamaForCausalLM(PreTrainedModel, GenerationMixin):
+    """Our LlamaLM as a transformers causal LM. ``forward(input_ids, attention_mask, labels)``.
+
+    Built from the config alone (``from_config``/``from_pretrained``), the LlamaLM is created and
+    its projections converted exactly as ``build_model`` does; ``from_pretrained`` does that on
+    the meta device, so the SVD of the LOST initialisation costs nothing there and the channel
+    indices come from the checkpoint. Given ``lm``, the model adopts that LlamaLM's modules as
+    they are (no copy): this is how :func:`to_hf` wraps a trained run.
+    """
+
+    config_class = LostLlamaConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    _no_split_modules = ["DecoderLayer"]
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LostLlamaConfig, lm: LlamaLM | None = None) -> None:
+        super().__init__(config)
+        if lm is None:
+            model_cfg, layer_cfg = config.lostlm_configs()
+            lm = LlamaLM(model_cfg)
+            if lm.lm_head.weight.is_meta:  # from_pretrained / shape checks: no values, no error report
+                _convert_skeleton(lm, layer_cfg, config.rank, model_cfg.init_std)
+            else:
+                convert_linear_layers(lm, layer_cfg, config.rank, seed=1, init_std=model_cfg.init_std)
+        self.model = lm.model
+        self.lm_head = lm.lm_head
+        self.register_buffer("rope_cos", lm.rope_cos, persistent=False)
+        self.register_buffer("rope_sin", lm.rope_sin, persistent=False)
+        self.post_init()
+        self.generation_config.use_cache = False
+
+    # -- transformers plumbing -------------------------------------------------------
+    def _init_weights(self, module: nn.Module) -> None:
+        # Everything else is initialised by LlamaLM or comes from the checkpoint; only the RoPE
+        # tables (non-persistent buffers, left empty by from_pretrained's meta init) are computed.
+        if module is self:
+            from transformers import initialization as init
+
+            cos, sin = rope_tables(self.config.hidden_size // self.config.num_attention_heads,
+                                   self.config.max_position_embeddings, self.config.rope_theta)
+            init.copy_(self.rope_cos, cos.to(self.rope_cos.dtype))
+            init.copy_(self.rope_sin, sin.to(self.rope_sin.dtype))
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, **kwargs: Any):
+        """transformers' from_pretrained, but a checkpoint that lacks any tensor is an error
+        (a LOST layer left at its meta-device placeholder would silently produce garbage)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        missing = set(info.get("missing_keys", ()))
+        if model.config.tie_word_embeddings:
+            missing.discard("lm_head.weight")
+        missing = sorted(missing)
+        if missing:
+            raise ValueError(f"lost_llama checkpoint lacks {len(missing)} tensors (first: {missing[0]}); "
+                             "it was saved with a different layer config")
+        model.generation_config.use_cache = False
+        return (model, info) if want_info else model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                                      **kwargs: Any) -> dict[str, Any]:
+        # No KV cache: always feed the full sequence, only the last position needs logits.
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "logits_to_keep": 1}
+
+    # -- the model -------------------------------------------------------------------
+    def _logits(self, input_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
+        length = input_ids.shape[1]
+        if length > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {length} tokens exceeds max_position_embeddings={self.rope_cos.shape[0]}")
+        hidden = self.model(input_ids, self.rope_cos[:length], self.rope_sin[:length])
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0, **kwargs: Any) -> CausalLMOutput:
+        """Logits (batch, length, vocab); ``loss`` (mean next-token cross-entropy, -100 ignored)
+        when ``labels`` are given (unshifted, as in transformers). Other keyword arguments that
+        transformers passes (``use_cache``, ``return_dict`` ...) are accepted and ignored.
+
+        ``attention_mask`` with zeros (padding, left or right): each row is run on its unmasked
+        tokens alone, so positions and attention match an unpadded run exactly; masked positions
+        get logits 0. No position ids, no cache."""
+        if attention_mask is None or bool(attention_mask.all()):
+            logits = self._logits(input_ids, logits_to_keep)
+        else:
+            keep = attention_mask.bool()
+            rows = []
+            for ids, row_keep in zip(input_ids, keep):
+                row = torch.zeros(input_ids.shape[1], self.config.vocab_size, dtype=self.lm_head.weight.dtype,
+                                  device=input_ids.device)
+                if row_keep.any():
+                    row[row_keep] = self._logits(ids[row_keep][None], 0)[0].to(row.dtype)
+                rows.append(row)
+            logits = torch.stack(rows)
+            if logits_to_keep:
+                logits = logits[:, -logits_to_keep:]
+        loss = None
+        if labels is not None:
+            if logits_to_keep:
+                raise ValueError("labels need the logits of every position; do not pass logits_to_keep with labels")
+            shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def lostlm_model(self) -> LlamaLM:
+        """A LlamaLM that shares this model's modules (for lostlm's own tools)."""
+        model_cfg, _ = self.config.lostlm_configs()
+        with torch.device("meta"):
+            lm = LlamaLM(model_cfg)
+        lm.model, lm.lm_head = self.model, self.lm_head
+        lm.rope_cos, lm.rope_sin = self.rope_cos, self.rope_sin
+        return lm
+
+
+def _convert_skeleton(model: nn.Module, layer_cfg: LayerConfig, rank: int, init_std: float) -> None:
+    """convert_linear_layers for a model on the meta device (which cannot compute its
+    reconstruction-error report): the same replacements, in the same order."""
+    if layer_cfg.method in DENSE_METHODS:
+        return
+    generator = torch.Generator().manual_seed(1)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and matches(name, layer_cfg.targets):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, build_layer(module, layer_cfg, rank, generator, init_std))
+
+
+AutoConfig.register(MODEL_TYPE, LostLlamaConfig, exist_ok=True)
+AutoModelForCausalLM.register(LostLlamaConfig, LostLlamaForCausalLM, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------------------
+# lostlm run -> lost_llama
+
+
+def special_token_ids(tokenizer: Any) -> dict[str, int | None]:
+    if tokenizer is None:
+        return {}
+    ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
+    return {key: value for key, value in ids.items() if value is not None}
+
+
+def to_hf(source: Any, layer: LayerConfig | None = None, rank: int | None = None, tokenizer: Any = None) -> LostLlamaForCausalLM:
+    """Wrap a trained run (``load_trained_run``'s TrainedRun) or a bare LlamaLM as a
+    :class:`LostLlamaForCausalLM` that shares its modules. A bare LlamaLM needs the
+    ``layer`` config and ``rank`` it was converted with (``dense`` models: neither)."""
+    if isinstance(source, LlamaLM):
+        model = source
+        layer = layer if layer is not None else LayerConfig(method="full")
+        rank = rank if rank is not None else 1
+    else:  # TrainedRun
+        model = source.model
+        layer = source.config.layer if layer is None else layer
+        rank = source.config.resolved_rank() if rank is None else rank
+        tokenizer = source.tokenizer if tokenizer is None else tokenizer
+    config = LostLlamaConfig.from_lostlm(model.config, layer, rank, **special_token_ids(tokenizer))
+    config.architectures = [LostLlamaForCausalLM.__name__]
+    _check_fits(config, model)
+    hf_model = LostLlamaForCausalLM(config, lm=model)
+    hf_model.generation_config = GenerationConfig(**special_token_ids(tokenizer), use_cache=False)
+    return hf_model
+
+
+def _check_fits(config: LostLlamaConfig, model: LlamaLM) -> None:
+    """The config rebuilds exactly this module tree (shapes of every tensor), checked on meta."""
+    with torch.device("meta"):
+        skeleton = LostLlamaForCausalLM(config).state_dict()
+    own = model.state_dict()
+    for name, tensor in own.items():
+        if name not in skeleton or skeleton[name].shape != tensor.shape:
+            want = tuple(skeleton[name].shape) if name in skeleton else "no such tensor"
+            raise LostLMError(f"layer config method={config.method} rank={config.rank} density={config.density} does not "
+                              f"rebuild this model ({name}: model {tuple(tensor.shape)}, config {want}); "
+                              "pass the layer config and rank the model was converted with")
+    extra = sorted(set(skeleton) - set(own))
+    if extra:
+        raise LostLMError(f"layer config method={config.method} expects {extra[0]}, which the model lacks; "
+                          "pass the layer config the model was converted with")
+
+
+def save_hf(run: Any, out_dir: str | Path, tokenizer: Any = None, **kwargs: Any) -> Path:
+    """Write a run (TrainedRun) or a LlamaLM (with ``layer=``, ``rank=``) as a lost_llama folder:
+    config.json, generation_config.json, model.safetensors and the tokenizer files."""
+    out = Path(out_dir)
+    hf_model = to_hf(run, tokenizer=tokenizer, **kwargs)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(str(out), safe_serialization=True)
+    tokenizer = tokenizer if tokenizer is not None else getattr(run, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# transformers Llama folder -> our dense LlamaLM
+
+
+def read_llama_config(path: str | Path) -> ModelConfig:
+    """ModelConfig of a local transformers Llama folder; LostLMError for what we do not model."""
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise LostLMError(f"{folder} has no config.json; model.init_from must be a local transformers Llama folder "
+                          "(save_pretrained output), not a hub name")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise LostLMError(f"{config_file} is not valid JSON ({exc})") from None
+    model_type = hf.get("model_type")
+    if model_type != "llama":
+        raise LostLMError(f"{folder} holds model_type={model_type!r}; only llama checkpoints can be imported "
+                          "(export dense lost models with lostlm export --dense first)")
+    heads = hf["num_attention_heads"]
+    unsupported = []
+    if hf.get("attention_bias"):
+        unsupported.append("attention_bias=true")
+    if hf.get("mlp_bias"):
+        unsupported.append("mlp_bias=true")
+    if hf.get("hidden_act", "silu") != "silu":
+        unsupported.append(f"hidden_act={hf['hidden_act']}")
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
+        unsupported.append(f"head_dim={hf['head_dim']} (not hidden_size/num_attention_heads)")
+    rope = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        unsupported.append(f"rope_scaling={scaling}")
+    if unsupported:
+        raise LostLMError(f"{folder}: {', '.join(unsupported)} is not supported by lostlm's LlamaLM; "
+                          "use a plain Llama checkpoint (no biases, default RoPE)")
+    rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return ModelConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                       intermediate_size=hf["intermediate_size"], num_heads=heads,
+                       num_kv_heads=hf.get("num_key_value_heads") or heads, num_layers=hf["num_hidden_layers"],
+                       max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(rope_theta),
+                       norm_eps=hf.get("rms_norm_eps", 1e-6), init_std=hf.get("initializer_range", 0.02),
+                       tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+
+
+def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise LostLMError(f"{folder} has no model.safetensors (or sharded index); convert .bin weights to safetensors "
+                          "with transformers: LlamaForCausalLM.from_pretrained(dir).save_pretrained(dir)")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        try:
+            state.update(load_file(str(folder / name)))
+        except (OSError, SafetensorError) as exc:
+            raise LostLMError(f"{folder / name} is not a readable safetensors file ({exc})") from None
+    return state
+
+
+@torch.no_grad()
+def llama_from_pretrained(path: str | Path) -> LlamaLM:
+    """A local transformers Llama folder (config.json + safetensors) as our dense LlamaLM in
+    float32. Built on the meta device and filled from the file, so no random init is spent."""
+    folder = Path(path)
+    model_cfg = read_llama_config(folder)
+    state = {k: v for k, v in _read_safetensors(folder).items() if not k.endswith("rotary_emb.inv_freq")}
+    if model_cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    with torch.device("meta"):
+        model = LlamaLM(model_cfg)
+    model.to_empty(device="cpu")
+    own = model.state_dict()
+    if model_cfg.tie_embeddings:
+        own.pop("lm_head.weight")
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
+                  else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, config says {tuple(own[wrong[0]].shape)}")
+        raise LostLMError(f"{folder}: weights do not match its config.json ({detail}); is it a LlamaForCausalLM checkpoint?")
+    model.load_state_dict(state, strict=False)  # copy_ casts bf16/fp16 checkpoints to float32
+    if model_cfg.tie_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    cos, sin = rope_tables(model_cfg.hidden_size // model_cfg.num_heads, model_cfg.max_seq_len, model_cfg.rope_theta)
+    model.rope_cos, model.rope_sin = cos, sin
+    return model.eval()
+
+
+def load_hf_folder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+    """(model, tokenizer) of a lost_llama or llama folder, for generate; LostLMError otherwise."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        raise LostLMError(f"{folder} is not a loadable transformers model folder ({first})") from None
+    return model.to(device).eval(), tokenizer
+
