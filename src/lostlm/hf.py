@@ -149,12 +149,15 @@ class LostLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         # Everything else is initialised by LlamaLM or comes from the checkpoint; only the RoPE
         # tables (non-persistent buffers, left empty by from_pretrained's meta init) are computed.
         if module is self:
-            from transformers import initialization as init
-
+            try:  # transformers 5: the init functions that respect its "already loaded" flags
+                from transformers.initialization import copy_
+            except ImportError:  # transformers 4.x
+                copy_ = torch.Tensor.copy_
             cos, sin = rope_tables(self.config.hidden_size // self.config.num_attention_heads,
                                    self.config.max_position_embeddings, self.config.rope_theta)
-            init.copy_(self.rope_cos, cos.to(self.rope_cos.dtype))
-            init.copy_(self.rope_sin, sin.to(self.rope_sin.dtype))
+            with torch.no_grad():
+                copy_(self.rope_cos, cos.to(self.rope_cos.dtype))
+                copy_(self.rope_sin, sin.to(self.rope_sin.dtype))
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any):
