@@ -66,7 +66,7 @@ def build_layer(linear: nn.Linear, layer_cfg: LayerConfig, rank: int, generator:
 def convert_linear_layers(model: nn.Module, layer_cfg: LayerConfig, rank: int, seed: int = 0,
                           init_std: float = 0.02) -> list[ConvertedLayer]:
     """Replace every ``nn.Linear`` whose name matches ``layer_cfg.targets``; returns one entry
-    per replaced layer. Dense methods (full, galore) leave the model untouched. Raises
+    per replaced layer (works on the meta device too, to build skeletons for loading). Dense methods (full, galore) leave the model untouched. Raises
     :class:`LostLMError` when no module matches, since that is always a mistake."""
     if layer_cfg.method in DENSE_METHODS:
         return []
@@ -79,11 +79,13 @@ def convert_linear_layers(model: nn.Module, layer_cfg: LayerConfig, rank: int, s
     report = []
     for name, linear in targets:
         replacement = build_layer(linear, layer_cfg, rank, generator, init_std).to(linear.weight.device)
-        try:
-            merged = replacement.merged_weight()
-            error = ((merged - linear.weight).norm() / linear.weight.norm()).item()
-        except LostLMError:
-            error = float("nan")
+        error = float("nan")  # not mergeable (σ = SiLU), or a meta-device skeleton with no values
+        if not linear.weight.is_meta:
+            try:
+                merged = replacement.merged_weight()
+                error = ((merged - linear.weight).norm() / linear.weight.norm()).item()
+            except LostLMError:
+                pass
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, replacement)

@@ -35,7 +35,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig, Ge
 from transformers.modeling_outputs import CausalLMOutput
 
 from .configs import LayerConfig, ModelConfig, config_from_dict
-from .convert import DENSE_METHODS, build_layer, convert_linear_layers, matches
+from .convert import convert_linear_layers
 from .errors import LostLMError
 from .model import LlamaLM, rope_tables
 
@@ -132,11 +132,8 @@ class LostLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         if lm is None:
             model_cfg, layer_cfg = config.lostlm_configs()
-            lm = LlamaLM(model_cfg)
-            if lm.lm_head.weight.is_meta:  # from_pretrained / shape checks: no values, no error report
-                _convert_skeleton(lm, layer_cfg, config.rank, model_cfg.init_std)
-            else:
-                convert_linear_layers(lm, layer_cfg, config.rank, seed=1, init_std=model_cfg.init_std)
+            lm = LlamaLM(model_cfg)  # on the meta device under from_pretrained: shapes only, no SVD cost
+            convert_linear_layers(lm, layer_cfg, config.rank, seed=1, init_std=model_cfg.init_std)
         self.model = lm.model
         self.lm_head = lm.lm_head
         self.register_buffer("rope_cos", lm.rope_cos, persistent=False)
@@ -241,18 +238,6 @@ class LostLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         lm.model, lm.lm_head = self.model, self.lm_head
         lm.rope_cos, lm.rope_sin = self.rope_cos, self.rope_sin
         return lm
-
-
-def _convert_skeleton(model: nn.Module, layer_cfg: LayerConfig, rank: int, init_std: float) -> None:
-    """convert_linear_layers for a model on the meta device (which cannot compute its
-    reconstruction-error report): the same replacements, in the same order."""
-    if layer_cfg.method in DENSE_METHODS:
-        return
-    generator = torch.Generator().manual_seed(1)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and matches(name, layer_cfg.targets):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, build_layer(module, layer_cfg, rank, generator, init_std))
 
 
 AutoConfig.register(MODEL_TYPE, LostLlamaConfig, exist_ok=True)
