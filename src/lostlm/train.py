@@ -370,7 +370,7 @@ class Trainer:
         if self.env.is_main and t.progress and self.step < t.steps:
             from tqdm.auto import tqdm
             progress = tqdm(total=t.steps, initial=self.step, desc=f"{self.cfg.layer.method}", unit="step", dynamic_ncols=True)
-        session_tokens, session_seconds = 0, 0.0
+        session_tokens, session_seconds, step_seconds = 0, 0.0, []
         last_eval = None
         previous_handler = _interrupt_on_sigterm()
         try:
@@ -391,6 +391,7 @@ class Trainer:
                 self.train_seconds += elapsed
                 session_tokens += tokens_per_step
                 session_seconds += elapsed
+                step_seconds.append(elapsed)
                 if not math.isfinite(stats["loss"]):
                     self.save()
                     raise LostLMError(f"loss became {stats['loss']} at step {self.step}; the checkpoint is saved; "
@@ -421,9 +422,9 @@ class Trainer:
             progress.close()
         if last_eval is None:
             last_eval = self.evaluate()
-        return self._summarise(last_eval, session_tokens, session_seconds)
+        return self._summarise(last_eval, session_tokens, session_seconds, step_seconds)
 
-    def _summarise(self, evaluation: dict, tokens: int, seconds: float) -> dict:
+    def _summarise(self, evaluation: dict, tokens: int, seconds: float, step_seconds: list[float]) -> dict:
         t = self.cfg.train
         summary = {"method": self.cfg.layer.method, "preset": self.cfg.model.preset, "step": self.step,
                    "tokens": self.tokens_seen, **evaluation, "parameters": parameter_breakdown(self.model),
@@ -437,8 +438,11 @@ class Trainer:
             steps = tokens / (t.batch_size * self.cfg.data.seq_len)
             peak = t.peak_flops or cached_peak_flops(cache_root(self.cfg.data), self.device, self.amp_dtype or torch.float32)
             achieved = flops * steps / seconds / self.env.world_size  # per device
-            summary.update({"session_tokens": tokens, "tokens_per_s": tokens / seconds, "model_flops_per_s": achieved,
-                            "peak_flops_per_s": peak, "mfu": achieved / peak})
+            # The median step is robust to other processes stealing the CPU for a while.
+            median_step = sorted(step_seconds)[len(step_seconds) // 2]
+            summary.update({"session_tokens": tokens, "tokens_per_s": tokens / seconds,
+                            "tokens_per_s_median_step": t.batch_size * self.cfg.data.seq_len / median_step,
+                            "model_flops_per_s": achieved, "peak_flops_per_s": peak, "mfu": achieved / peak})
         summary["peak_memory_bytes"] = peak_memory_bytes(self.device)
         if self.env.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -458,7 +462,7 @@ def format_summary(summary: dict) -> str:
                  f"embedding+head {params['embedding_and_head'] / 1e6:.2f}M)")
     if "tokens_per_s" in summary:
         lines.append(f"tokens {summary['tokens']:,} (this session {summary['session_tokens']:,})   "
-                     f"tokens/s {summary['tokens_per_s']:,.0f}   MFU {100 * summary['mfu']:.1f}% of measured "
+                     f"tokens/s {summary['tokens_per_s']:,.0f} (median step {summary['tokens_per_s_median_step']:,.0f})   MFU {100 * summary['mfu']:.1f}% of measured "
                      f"{summary['peak_flops_per_s'] / 1e9:.0f} GFLOP/s")
     lines.append(f"peak memory {summary['peak_memory_bytes'] / 2**20:,.0f} MiB "
                  f"({'max_memory_allocated' if summary['device'].startswith('cuda') else 'process peak RSS'})")
