@@ -162,15 +162,20 @@ class LOSTLinear(_Factorised):
         return self.channel_index.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lowrank = F.linear(self._act(F.linear(x, self.lowrank_down)), self.lowrank_up)
+        if torch.is_autocast_enabled(x.device.type):
+            # One cast shared by both branches: autocast would otherwise cast x for the first
+            # GEMM and, separately, the gathered columns (gathered from fp32) for the sparse one.
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        hidden = self._act(F.linear(x, self.lowrank_down))  # (..., r)
         if self.sparse_axis == "input":
-            # y = γ·lowrank + (1-γ)·x_I W_sᵀ as one fused addmm-style op; bias added once.
-            sparse = F.linear(x.index_select(-1, self.channel_index), self.sparse_weight)
-            y = torch.add(self.gamma * lowrank, sparse, alpha=1.0 - self.gamma)
-        else:
-            sparse = F.linear(x, self.sparse_weight)  # (..., k)
-            y = (self.gamma * lowrank).index_add(-1, self.channel_index, sparse, alpha=1.0 - self.gamma)
-        return y + self.bias if self.bias is not None else y
+            # y = [σ(xA), x_I] · [γB ; (1-γ)W_sᵀ]: ONE GEMM over the inner dimension r+k. Two
+            # GEMMs into b×m outputs plus a scale and an add over b×m (and their backward) cost
+            # more than concatenating b×(r+k) activations and m×(r+k) weights.
+            stacked = torch.cat([hidden, x.index_select(-1, self.channel_index)], dim=-1)
+            weight = torch.cat([self.gamma * self.lowrank_up, (1.0 - self.gamma) * self.sparse_weight], dim=1)
+            return F.linear(stacked, weight, self.bias)
+        y = F.linear(hidden, self.gamma * self.lowrank_up, self.bias)
+        return y.index_add(-1, self.channel_index, F.linear(x, self.sparse_weight), alpha=1.0 - self.gamma)
 
     def trainable_parameters(self) -> int:
         return self.rank * (self.in_features + self.out_features) + self.sparse_weight.numel() + self._bias_params()

@@ -101,24 +101,45 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, size: int | Non
     return best
 
 
-def cached_peak_flops(cache_dir: Path, device: torch.device, dtype: torch.dtype) -> float:
-    """:func:`measure_peak_flops`, remembered per device/dtype/thread count in the cache dir."""
+def peak_flops_key(device: torch.device, dtype: torch.dtype) -> str:
+    """Cache key of a peak measurement: device name (CPU: thread count), dtype."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{torch.get_num_threads()}threads"
-    key = f"{name}|{dtype}"
+    return f"{name}|{dtype}"
+
+
+def _peak_table(cache_dir: Path) -> dict:
     path = Path(cache_dir) / "peak_flops.json"
-    table = {}
     if path.is_file():
         try:
-            table = json.loads(path.read_text())
+            return json.loads(path.read_text())
         except json.JSONDecodeError:
-            table = {}
-    if key not in table:
-        table[key] = measure_peak_flops(device, dtype)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, path)
-    return table[key]
+            return {}
+    return {}
+
+
+def stored_peak_flops(cache_dir: Path, device: torch.device, dtype: torch.dtype) -> float | None:
+    """The remembered peak for this device/dtype/thread count, or None."""
+    return _peak_table(cache_dir).get(peak_flops_key(device, dtype))
+
+
+def store_peak_flops(cache_dir: Path, device: torch.device, dtype: torch.dtype, value: float) -> None:
+    """Remember a peak measurement (atomic write; ``lostlm bench --peak`` refreshes it)."""
+    table = _peak_table(cache_dir)
+    table[peak_flops_key(device, dtype)] = value
+    path = Path(cache_dir) / "peak_flops.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(table, indent=1))
+    os.replace(tmp, path)
+
+
+def cached_peak_flops(cache_dir: Path, device: torch.device, dtype: torch.dtype) -> float:
+    """:func:`measure_peak_flops`, remembered per device/dtype/thread count in the cache dir."""
+    value = stored_peak_flops(cache_dir, device, dtype)
+    if value is None:
+        value = measure_peak_flops(device, dtype)
+        store_peak_flops(cache_dir, device, dtype, value)
+    return value
 
 
 def format_count(n: float) -> str:
@@ -126,3 +147,43 @@ def format_count(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f}{unit}"
     return f"{n:.0f}"
+
+
+def saved_activation_bytes(model: nn.Module, input_ids: torch.Tensor, amp_dtype: torch.dtype | None = None) -> int:
+    """Bytes autograd keeps for backward in one forward + loss of ``model`` on ``input_ids``
+    (unique storages of the tensors packed by ``saved_tensors_hooks``; parameters, their
+    autocast copies and buffers excluded). The measured counterpart of the analytic
+    ``lostlm.estimate.activation_bytes``."""
+    import contextlib
+
+    import torch.nn.functional as F
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen: dict[int, int] = {}
+
+    def is_weight_copy(t: torch.Tensor) -> bool:  # autocast's cast of a parameter (maybe viewed)
+        fn = t.grad_fn
+        for _ in range(4):
+            if fn is None or not fn.next_functions:
+                return False
+            if type(fn).__name__ == "ToCopyBackward0":
+                return any(type(nxt).__name__ == "AccumulateGrad" for nxt, _ in fn.next_functions if nxt is not None)
+            fn = fn.next_functions[0][0]
+        return False
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in params and not is_weight_copy(t):
+            seen[ptr] = storage.nbytes()
+        return t
+
+    ctx = torch.autocast(input_ids.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with ctx:
+            logits = model(input_ids[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), input_ids[:, 1:].flatten())
+        seen[logits.untyped_storage().data_ptr()] = logits.untyped_storage().nbytes()  # alive in the trainer
+    del loss, logits
+    return sum(seen.values())

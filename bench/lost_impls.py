@@ -1,0 +1,76 @@
+"""Candidate LOST forwards (input-channel axis), timed against each other in one process.
+
+    flock /tmp/lostlm-cpu.lock python bench/lost_impls.py            # layer fwd+bwd at 60m shapes
+
+``before`` is the forward as it was (two output GEMMs, a scale and an add over b×m);
+``cat`` (what layers.py now does) is one GEMM over the concatenated inner dimension r+k.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lostlm.layers import LOSTLinear
+
+
+def before(self, x):
+    lowrank = F.linear(self._act(F.linear(x, self.lowrank_down)), self.lowrank_up)
+    sparse = F.linear(x.index_select(-1, self.channel_index), self.sparse_weight)
+    return torch.add(self.gamma * lowrank, sparse, alpha=1.0 - self.gamma)
+
+
+def addmm(self, x):
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    h = self._act(F.linear(x2, self.lowrank_down))
+    sparse = F.linear(x2.index_select(-1, self.channel_index), self.sparse_weight)
+    y = torch.addmm(sparse, h, self.lowrank_up.t(), beta=1.0 - self.gamma, alpha=self.gamma)
+    return y.view(*shape[:-1], -1)
+
+
+def cat(self, x):
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    h = self._act(F.linear(x, self.lowrank_down))
+    z = torch.cat([h, x.index_select(-1, self.channel_index)], dim=-1)
+    w = torch.cat([self.gamma * self.lowrank_up, (1.0 - self.gamma) * self.sparse_weight], dim=1)
+    return F.linear(z, w)
+
+
+IMPLS = {"before": before, "addmm": addmm, "cat": cat, "current": LOSTLinear.forward}
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    shapes = [(512, 512), (1376, 512), (512, 1376)]  # 60m: attention, gate/up, down
+    tokens = 16 * 256
+    layers = [LOSTLinear(torch.randn(m, n) * 0.02, 128, density=0.03) for m, n in shapes]
+    xs = [torch.randn(16, 256, n, requires_grad=True) for m, n in shapes]
+    for layer, x in zip(layers, xs):  # same math
+        ref = before(layer, x)
+        for name, fn in IMPLS.items():
+            assert torch.allclose(fn(layer, x), ref, atol=1e-5), name
+    results = {name: [] for name in IMPLS}
+    for _ in range(7):
+        for name, fn in IMPLS.items():
+            t0 = time.perf_counter()
+            for layer, x in zip(layers, xs):
+                for _ in range(2):
+                    with torch.autocast("cpu", dtype=torch.bfloat16):
+                        y = fn(layer, x)
+                    y.float().sum().backward()
+            results[name].append(time.perf_counter() - t0)
+    base = statistics.median(results["before"])
+    for name, ts in results.items():
+        med = statistics.median(ts)
+        print(f"{name:8s} {med * 1e3:8.1f} ms (3 layers x 2 fwd+bwd, {tokens} tokens, bf16)  x{base / med:.2f} vs before")
+
+
+if __name__ == "__main__":
+    main()

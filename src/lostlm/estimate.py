@@ -1,0 +1,296 @@
+"""Analytic cost of a model before training it: parameters, FLOPs per token and memory.
+
+    lostlm estimate                              # every method at 60m … 7b, paper convention
+    lostlm estimate --preset 1b --micro-batch 8 --seq-len 256
+    lostlm estimate --dtype fp32 --preset 60m    # what our CPU runs hold (fp32 master weights)
+
+Everything is computed from the shapes (nothing is allocated): the targeted projections of a
+LLaMA block (q, k, v, o, gate, up, down) get the parameter/FLOP count of their
+parametrisation, with the same formulas as :mod:`lostlm.layers` (tests check the two agree
+on real models); embeddings, norms and the LM head stay dense.
+
+Memory convention (what the papers call "weights + optimizer states")::
+
+    weights    = P_total × bytes(dtype)
+    grads      = P_trainable × bytes(dtype)
+    optimizer  = Adam's two moments: 2 × bytes(dtype) per trainable number, except for GaLore,
+                 whose projected matrices keep 2 × r × max(m, n) moments plus the r × min(m, n)
+                 projector (galore_torch's ``std`` projection)
+    activations= tensors saved for backward for one micro-batch (see :func:`activation_bytes`)
+
+The GaLore paper's full-rank column (60M 0.36G, 130M 0.76G, 350M 2.06G, 1B 7.80G) is
+``weights + optimizer`` with BF16 weights and BF16 Adam moments (6 bytes per parameter), the
+vocabulary 32000, LLaMA shapes of DESIGN.md §5 and untied embeddings. Its "G" sits between
+GB and GiB: with G = 10⁹ bytes the four come out 0.348/0.805/2.207/8.034 (-3.3 %, +5.9 %,
++7.1 %, +3.0 %); with G = 2³⁰ bytes 0.324/0.750/2.056/7.483 (-10 %, -1.4 %, -0.2 %, -4.1 %).
+No per-parameter formula fits all four within 5 % (the paper's bytes per parameter range from
+5.60 to 6.20 in GB units; the 60M figure is the outlier). We report G = GB = 10⁹ bytes:
+SLTrain's Table 2 recomputes the same column as 0.35/0.81/2.21/8.04, which is exactly this
+formula with the T5 tokenizer's 32100 entries. The unit is printed with every table; see
+docs/benchmarks.md for the comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import asdict, dataclass
+
+from .configs import METHODS, PRESET_VOCAB, PRESETS, Config, LayerConfig, ModelConfig
+from .convert import matches
+from .errors import LostLMError
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+PAPER_PRESETS = ("60m", "130m", "350m", "1b", "7b")
+
+
+# ---------------------------------------------------------------------------------------------
+# shapes and per-layer counts (mirror lostlm.layers; tests compare them)
+
+
+def projection_shapes(model: ModelConfig) -> list[tuple[str, int, int]]:
+    """(name, out m, in n) of the seven projections of one decoder block."""
+    d, heads = model.hidden_size, model.num_heads
+    head_dim = d // heads
+    kv = (model.num_kv_heads or heads) * head_dim
+    i = model.intermediate_size
+    return [("q_proj", heads * head_dim, d), ("k_proj", kv, d), ("v_proj", kv, d), ("o_proj", d, heads * head_dim),
+            ("gate_proj", i, d), ("up_proj", i, d), ("down_proj", d, i)]
+
+
+def layer_parameters(method: str, m: int, n: int, rank: int, layer: LayerConfig) -> int:
+    """Trainable numbers of one m×n projection under ``method`` (no bias: LLaMA has none)."""
+    r = min(rank, m, n)
+    if method in ("full", "galore"):
+        return m * n
+    if method in ("lowrank", "lowrank-svd", "cola"):
+        return r * (m + n)
+    if method == "lost":
+        k = max(1, math.floor(layer.density * (n if layer.sparse_axis == "input" else m)))
+        return r * (m + n) + k * (m if layer.sparse_axis == "input" else n)
+    if method == "sltrain":
+        return r * (m + n) + max(1, math.floor(layer.density * m * n))
+    raise LostLMError(f"layer.method={method!r} is not known; use one of {', '.join(METHODS)}")
+
+
+def layer_flops_per_token(method: str, m: int, n: int, rank: int, layer: LayerConfig) -> int:
+    """Forward FLOPs of one projection for one token (2 per multiply-add), as ``flops_per_token``."""
+    r = min(rank, m, n)
+    if method in ("full", "galore", "sltrain"):
+        return 2 * m * n  # SLTrain multiplies by the rebuilt dense W; the rebuild is per step
+    if method in ("lowrank", "lowrank-svd", "cola"):
+        return 2 * r * (m + n)
+    if method == "lost":
+        return 2 * r * (m + n) + 2 * (layer_parameters(method, m, n, rank, layer) - r * (m + n))
+    raise LostLMError(f"layer.method={method!r} is not known; use one of {', '.join(METHODS)}")
+
+
+def galore_state_numbers(m: int, n: int, rank: int) -> int:
+    """Adam moments (2 × r × max) plus the projector (r × min) of one GaLore-projected matrix."""
+    r = min(rank, m, n)
+    return 2 * r * max(m, n) + r * min(m, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole model
+
+
+@dataclass
+class Estimate:
+    method: str
+    preset: str
+    dtype: str
+    params_total: int
+    params_trainable: int
+    params_embedding_head: int
+    params_linear: int
+    params_other: int
+    forward_flops_per_token: int
+    train_flops_per_token: float
+    weights_bytes: int
+    grads_bytes: int
+    optimizer_bytes: int
+    activations_bytes: int
+    micro_batch: int
+    seq_len: int
+
+    @property
+    def weights_optimizer_bytes(self) -> int:
+        return self.weights_bytes + self.optimizer_bytes
+
+    @property
+    def state_bytes(self) -> int:
+        """weights + grads + optimizer state."""
+        return self.weights_bytes + self.grads_bytes + self.optimizer_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.state_bytes + self.activations_bytes
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out.update(weights_optimizer_bytes=self.weights_optimizer_bytes, state_bytes=self.state_bytes,
+                   total_bytes=self.total_bytes)
+        return out
+
+
+def _resolve(cfg: Config, vocab_size: int | None) -> ModelConfig:
+    model = cfg.resolved_model()
+    if vocab_size is not None:
+        model.vocab_size = vocab_size
+    if model.vocab_size is None:
+        model.vocab_size = PRESET_VOCAB
+    return model
+
+
+def activation_bytes(model: ModelConfig, method: str, rank: int, layer: LayerConfig, micro_batch: int, seq_len: int,
+                     amp: bool = True) -> int:
+    """Bytes autograd keeps for backward over one micro-batch of our LlamaLM.
+
+    Per token and block, with c the compute bytes (2 under bf16 autocast, 4 in fp32); the
+    residual stream and RMSNorm are fp32 (each norm keeps its input and normalised output,
+    2·4d; in fp32 also the gain-scaled output, which the projections then share):
+
+    * under autocast, q, k, v, gate and up each keep their own bf16 copy of the normed input
+      (o and down get bf16 inputs already kept elsewhere); factorised layers keep the rank-r
+      intermediate (×2 with SiLU: its input and output), LOST also its k gathered inputs,
+      SLTrain its rebuilt dense W (c·m·n once per layer and micro-batch);
+    * attention keeps q, k, v and the output (4 c d);
+    * SwiGLU keeps gate, up, silu(gate) and their product (4 c I);
+    * head: final norm, LM-head input, the live logits (c V) and the fp32 log-softmax (4 V).
+
+    Parameters and autocast's cached low-precision weight copies are not activations and are
+    not counted. tests/test_estimate.py checks this against ``metrics.saved_activation_bytes``.
+    """
+    c = 2 if amp else 4
+    d, i, v = model.hidden_size, model.intermediate_size, model.vocab_size
+    per_token = per_batch = 0
+    for name, m, n in projection_shapes(model):
+        kind = method if matches(name, layer.targets) and method not in ("full", "galore") else "full"
+        if amp and name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            per_token += c * n  # autocast's bf16 copy of the fp32 normed input, one per projection
+        r = min(rank, m, n)
+        if kind in ("lowrank", "lowrank-svd") or (kind == "lost" and layer.activation == "identity"):
+            per_token += c * r
+        elif kind in ("cola", "lost"):
+            per_token += 2 * c * r
+        if kind == "lost" and layer.sparse_axis == "input":
+            per_token += c * max(1, math.floor(layer.density * n))
+        elif kind == "lost" and amp and name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            per_token += c * n  # output rows: the sparse GEMM casts the whole input once more
+        if kind == "sltrain":
+            per_batch += c * m * n
+    norm = (2 if amp else 3) * 4 * d  # fp32 input and normalised output (+ gain-scaled output in fp32)
+    per_token += 2 * norm + 4 * c * d + 4 * c * i  # norms, attention q/k/v/out, SwiGLU gate/up/silu/product
+    head = norm + (c * d if amp else 0) + c * v + 4 * v
+    return (per_token * model.num_layers + head) * micro_batch * seq_len + per_batch * model.num_layers
+
+
+def estimate(cfg: Config, vocab_size: int | None = None, *, dtype: str = "bf16", micro_batch: int = 1,
+             seq_len: int | None = None, galore_rank: int | None = None, amp: bool = True) -> Estimate:
+    """Analytic parameters, FLOPs and memory of ``cfg``'s model (``dtype`` for weights, grads and
+    optimizer state; activations in bf16 when ``amp``). ``galore_rank`` overrides layer.galore_rank."""
+    if dtype not in DTYPE_BYTES:
+        raise LostLMError(f"dtype {dtype!r} is not valid; use one of {', '.join(DTYPE_BYTES)}")
+    model = _resolve(cfg, vocab_size)
+    method, layer, rank = cfg.layer.method, cfg.layer, cfg.resolved_rank()
+    seq_len = seq_len or cfg.data.seq_len
+    g_rank = galore_rank or layer.galore_rank
+    d, v, layers = model.hidden_size, model.vocab_size, model.num_layers
+    embed_head = v * d * (1 if model.tie_embeddings else 2)
+    norms = (2 * layers + 1) * d
+    linear = flops = optimizer_numbers = 0
+    for name, m, n in projection_shapes(model):
+        targeted = matches(name, layer.targets)
+        kind = method if targeted else "full"
+        linear += layer_parameters(kind, m, n, rank, layer) * layers
+        flops += layer_flops_per_token(kind, m, n, rank, layer) * layers
+        if method == "galore" and targeted:
+            optimizer_numbers += galore_state_numbers(m, n, g_rank) * layers
+        else:
+            optimizer_numbers += 2 * layer_parameters(kind, m, n, rank, layer) * layers
+    optimizer_numbers += 2 * (embed_head + norms)
+    total = embed_head + linear + norms
+    flops += 2 * d * v + 2 * 2 * layers * seq_len * d  # LM head + attention scores (metrics convention)
+    train_flops = 3.0 * flops
+    if method == "sltrain":  # W = A B rebuilt once per forward: 3 × 2 r m n per micro-batch
+        rebuild = sum(2 * min(rank, m, n) * m * n for name, m, n in projection_shapes(model) if matches(name, layer.targets))
+        train_flops += 3.0 * rebuild * layers / (micro_batch * seq_len)
+    b = DTYPE_BYTES[dtype]
+    return Estimate(method=method, preset=cfg.model.preset, dtype=dtype, params_total=total, params_trainable=total,
+                    params_embedding_head=embed_head, params_linear=linear, params_other=norms,
+                    forward_flops_per_token=flops, train_flops_per_token=train_flops,
+                    weights_bytes=total * b, grads_bytes=total * b, optimizer_bytes=optimizer_numbers * b,
+                    activations_bytes=activation_bytes(model, method, rank, layer, micro_batch, seq_len, amp),
+                    micro_batch=micro_batch, seq_len=seq_len)
+
+
+def estimate_preset(preset: str, method: str, **kwargs) -> Estimate:
+    """:func:`estimate` for a named preset with the paper's vocabulary (32000) and ranks; GaLore
+    uses the preset rank as its projection rank, as in the GaLore paper."""
+    cfg = Config()
+    cfg.model.preset = preset
+    cfg.layer.method = method
+    kwargs.setdefault("galore_rank", PRESETS[preset]["rank"])
+    return estimate(cfg, PRESET_VOCAB, **kwargs)
+
+
+def estimate_run(cfg: Config, vocab_size: int, micro_batch: int) -> Estimate:
+    """What one of *our* runs holds: fp32 master weights, grads and Adam state, bf16 activations
+    when autocast is on (the trainer's default where bf16 is native)."""
+    amp = cfg.train.precision != "fp32"
+    return estimate(cfg, vocab_size, dtype="fp32", micro_batch=micro_batch, amp=amp)
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3f}"
+
+
+def format_table(rows: list[Estimate]) -> str:
+    """Markdown table of estimates (G = 10⁹)."""
+    head = ("| preset | method | params (M) | trainable linear (M) | fwd GFLOP/token | weights+optim (GB) | "
+            "weights+grads+optim (GB) | activations (GB) | vs full (W+G+O) |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    full = {r.preset: r for r in rows if r.method == "full"}
+    for r in rows:
+        ratio = r.state_bytes / full[r.preset].state_bytes if r.preset in full else float("nan")
+        lines.append(f"| {r.preset} | {r.method} | {r.params_total / 1e6:.1f} | {r.params_linear / 1e6:.1f} | "
+                     f"{r.forward_flops_per_token / 1e9:.3f} | {_gb(r.weights_optimizer_bytes)} | {_gb(r.state_bytes)} | "
+                     f"{_gb(r.activations_bytes)} | {ratio:.2f} |")
+    return "\n".join(lines)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("estimate", help="analytic params, FLOPs and memory per method and preset (no training)")
+    p.add_argument("--preset", action="append", help=f"preset(s) (default: {', '.join(PAPER_PRESETS)})")
+    p.add_argument("--method", action="append", choices=METHODS, help="method(s) (default: all)")
+    p.add_argument("--dtype", default="bf16", choices=tuple(DTYPE_BYTES), help="weights/grads/optimizer dtype (bf16: paper convention)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward for the activation estimate")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_estimate)
+
+
+def cmd_estimate(args: argparse.Namespace) -> int:
+    import json
+
+    presets = args.preset or list(PAPER_PRESETS)
+    for preset in presets:
+        if preset not in PRESETS:
+            raise LostLMError(f"--preset {preset} is not a preset; use one of {', '.join(PRESETS)}")
+    if args.micro_batch < 1 or args.seq_len < 2:
+        raise LostLMError("--micro-batch must be >= 1 and --seq-len >= 2")
+    methods = args.method or list(METHODS)
+    rows = [estimate_preset(p, m, dtype=args.dtype, micro_batch=args.micro_batch, seq_len=args.seq_len)
+            for p in presets for m in methods]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=1))
+        return 0
+    print(f"Analytic estimate: {args.dtype} weights/grads/Adam moments, bf16 activations for micro-batch "
+          f"{args.micro_batch} × {args.seq_len} tokens, vocab {PRESET_VOCAB}, preset ranks; 1 GB = 10⁹ bytes.")
+    print(format_table(rows))
+    return 0
