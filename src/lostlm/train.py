@@ -326,7 +326,7 @@ class Trainer:
         batches = self.data.val_batches(self.micro_batch, self.env.rank, self.env.world_size)
         if self.env.world_size > 1 and self.cfg.train.parallel == "fsdp":
             from .parallel import even_batches  # FSDP2: every forward is collective
-            batches = even_batches(batches, self.data.seq_len + 1, self.device)
+            batches = even_batches(batches, self.device)
         return evaluate_loss(self.train_model, batches, self.device, self._autocast, self.env.world_size > 1)
 
     def unigram_perplexity(self) -> float:
