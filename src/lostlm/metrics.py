@@ -134,10 +134,13 @@ def store_peak_flops(cache_dir: Path, device: torch.device, dtype: torch.dtype, 
 
 
 def cached_peak_flops(cache_dir: Path, device: torch.device, dtype: torch.dtype) -> float:
-    """:func:`measure_peak_flops`, remembered per device/dtype/thread count in the cache dir."""
-    value = stored_peak_flops(cache_dir, device, dtype)
-    if value is None:
-        value = measure_peak_flops(device, dtype)
+    """The best of a fresh :func:`measure_peak_flops` and every earlier one on this
+    device/dtype/thread count (remembered in the cache dir). Another process competing for the
+    CPU can only make a measurement too *low*, so the running maximum converges on the real
+    ceiling instead of freezing a polluted first reading (which would inflate MFU)."""
+    stored = stored_peak_flops(cache_dir, device, dtype) or 0.0
+    value = max(stored, measure_peak_flops(device, dtype))
+    if value > stored:
         store_peak_flops(cache_dir, device, dtype, value)
     return value
 
