@@ -65,9 +65,14 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5, help="timed steps per method (after 2 warm-up steps)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--profile", help="write a torch.profiler table of one step per method to this file")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--peak", action="store_true", help="also measure the matmul ceiling here (same threads/load) for MFU")
+    p.add_argument("--shapes", action="store_true", help="profile with input shapes (group rows by shape)")
     p.add_argument("--override", nargs="*", default=[], help="extra section.key=value for every method")
     p.add_argument("--json", help="write the timings here")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     batch = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
     built = {m: make(m, args.preset, args.vocab, args.override, args.compile) for m in args.methods}
@@ -83,14 +88,21 @@ def main() -> None:
             step(model, run, opt, batch)
             times[m].append(time.perf_counter() - t0)
     tokens = args.batch * args.seq
-    out = {}
+    peak = None
+    if args.peak:
+        from lostlm.metrics import measure_peak_flops
+
+        peak = max(measure_peak_flops(torch.device("cpu"), torch.bfloat16, size=n, seconds=1.5) for n in (1024, 2048, 4096))
+        print(f"peak bf16 matmul: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    out = {"_peak_flops_per_s": peak, "_threads": torch.get_num_threads()}
     base = statistics.median(times[args.methods[0]])
     for m in args.methods:
         med = statistics.median(times[m])
         fl = 3 * forward_flops_per_token(built[m][1], args.seq) * tokens
         out[m] = {"step_s_median": med, "tokens_per_s": tokens / med, "model_gflops_per_s": fl / med / 1e9,
                   "speedup_vs_first": base / med, "all_steps_s": times[m]}
-        print(f"{m:12s} {med:7.3f} s/step  {tokens / med:8.0f} tok/s  {fl / med / 1e9:6.1f} GFLOP/s  x{base / med:.2f} vs {args.methods[0]}")
+        mfu = f"  MFU {fl / med / peak:.2f}" if peak else ""
+        print(f"{m:12s} {med:7.3f} s/step  {tokens / med:8.0f} tok/s  {fl / med / 1e9:6.1f} GFLOP/s  x{base / med:.2f} vs {args.methods[0]}{mfu}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "results": out}, fh, indent=1)
@@ -99,10 +111,12 @@ def main() -> None:
 
         with open(args.profile, "w") as fh:
             for m, (cfg, model, run, opt) in built.items():
-                with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
+                with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
                     step(model, run, opt, batch)
                 fh.write(f"==== {m} ({args.preset}, batch {args.batch}x{args.seq}, bf16 autocast{', compiled' if args.compile else ''})\n")
-                fh.write(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30) + "\n\n")
+                table = prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=40,
+                                                                                  max_name_column_width=40, max_shapes_column_width=90)
+                fh.write(table + "\n\n")
         print(f"profile: {args.profile}")
 
 

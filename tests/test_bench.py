@@ -23,9 +23,12 @@ def test_bench_runs_writes_table_json_plots_and_resumes(tmp_path, tiny_run, caps
     assert main(["bench", str(path)]) == 0
     results = tmp_path / "results"
     table = (results / "results.md").read_text()
-    rows = [l for l in table.splitlines() if l.startswith("| full ") or l.startswith("| lost-g0.3 ")]
+    main_table = table.split("Memory breakdown")[0]
+    rows = [l for l in main_table.splitlines() if l.startswith("| full ") or l.startswith("| lost-g0.3 ")]
     assert len(rows) == 2 and all(r.count("|") == 11 for r in rows)
     assert "val ppl (mean ± std)" in table and "MiB" in table and "%" in rows[0]
+    breakdown = [l for l in table.split("Memory breakdown")[1].splitlines() if l.startswith("| full ")]
+    assert len(breakdown) == 1 and breakdown[0].count("|") == 9
     data = json.loads((results / "results.json").read_text())
     assert [v["name"] for v in data["variants"]] == ["full", "lost-g0.3"]
     full, lost = (v["aggregate"] for v in data["variants"])

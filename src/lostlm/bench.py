@@ -197,6 +197,20 @@ def measure_peak(cfg: Config | None = None, force: bool = False, seconds: float 
     cfg = cfg or Config()
     device, dtype = training_dtype(cfg)
     cache = cache_root(cfg.data)
+    threads = torch.get_num_threads()
+    if cfg.train.threads:  # measure with the runs' thread count (part of the cache key)
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        return _measure_peak(cfg, device, dtype, cache, force, seconds)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_peak(cfg: Config, device, dtype, cache: Path, force: bool, seconds: float) -> dict:
+    import torch
+
+    from .metrics import measure_peak_flops, peak_flops_key, store_peak_flops, stored_peak_flops
+
     value = None if force else stored_peak_flops(cache, device, dtype)
     if value is None:
         # Best of a few sizes: 1024² under-reports a CPU by ~20% (the training GEMMs, e.g. the
@@ -258,8 +272,15 @@ def _run_one(cfg: Config, folder: Path, isolate: bool) -> tuple[bool, str]:
     config_path = folder / "bench-config.yaml"
     save_config(cfg, config_path)
     log_path = folder / "train.log"
+    env = dict(os.environ)
+    if sys.platform.startswith("linux"):
+        # Transparent huge pages for glibc's big (mmap'ed) blocks: every step allocates a few
+        # logits-sized buffers (16×256×32000 fp32 = 0.5 GB), and first-touch faults on 4 KiB pages
+        # made zero-filling one cost ~4× more than with 2 MiB pages on our CPU box.
+        env.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
     with open(log_path, "a") as log:
-        proc = subprocess.run([sys.executable, "-m", "lostlm", "train", str(config_path)], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run([sys.executable, "-m", "lostlm", "train", str(config_path)], stdout=log, stderr=subprocess.STDOUT,
+                              env=env)
     if proc.returncode != 0:
         tail = [l for l in log_path.read_text(errors="replace").splitlines() if l.strip()][-1:] or ["no output"]
         return False, f"exit status {proc.returncode}: {tail[0]} (log: {log_path})"

@@ -153,8 +153,9 @@ def activation_bytes(model: ModelConfig, method: str, rank: int, layer: LayerCon
 
     * under autocast, q, k, v, gate and up each keep their own bf16 copy of the normed input
       (o and down get bf16 inputs already kept elsewhere); factorised layers keep the rank-r
-      intermediate (×2 with SiLU: its input and output), LOST also its k gathered inputs,
-      SLTrain its rebuilt dense W (c·m·n once per layer and micro-batch);
+      intermediate (×2 with SiLU: its input and output), LOST also its k gathered inputs and
+      its mixed weight [γB ; (1-γ)W_sᵀ] (c·m·(r+k) per layer and micro-batch), SLTrain its
+      rebuilt dense W (c·m·n per layer and micro-batch);
     * attention keeps q, k, v and the output (4 c d);
     * SwiGLU keeps gate, up, silu(gate) and their product (4 c I);
     * head: final norm, LM-head input, the live logits (c V) and the fp32 log-softmax (4 V).
@@ -175,9 +176,11 @@ def activation_bytes(model: ModelConfig, method: str, rank: int, layer: LayerCon
         elif kind in ("cola", "lost"):
             per_token += 2 * c * r
         if kind == "lost" and layer.sparse_axis == "input":
-            per_token += c * max(1, math.floor(layer.density * n))
-        elif kind == "lost" and amp and name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
-            per_token += c * n  # output rows: the sparse GEMM casts the whole input once more
+            k = max(1, math.floor(layer.density * n))
+            per_token += c * k
+            per_batch += c * m * (r + k)  # the mixed weight [γB ; (1-γ)W_sᵀ] of the single output GEMM
+        elif kind == "lost":
+            per_batch += c * m * r  # γB
         if kind == "sltrain":
             per_batch += c * m * n
     norm = (2 if amp else 3) * 4 * d  # fp32 input and normalised output (+ gain-scaled output in fp32)
