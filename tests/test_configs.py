@@ -60,3 +60,13 @@ def test_every_shipped_recipe_loads_and_tiny_is_the_default():
         load_config(recipe)
     tiny = load_config(Path(__file__).parent.parent / "configs" / "tiny.yaml")
     assert tiny.to_dict() == Config().to_dict()
+
+
+def test_cli_accepts_overrides_before_and_after_options():
+    from lostlm.cli import _train_overrides, build_parser
+
+    commands = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    for argv in (["--method", "full", "train.lr=1e-3", "train.steps=5"], ["train.lr=1e-3", "--method", "full", "train.steps=5"]):
+        config, overrides = _train_overrides(commands["train"].parse_intermixed_args(argv))
+        assert config is None and load_config(config, overrides).layer.method == "full"
+        assert load_config(config, overrides).train.steps == 5

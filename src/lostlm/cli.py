@@ -97,10 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv:
         argv = ["train"]
-    args = parser.parse_args(argv)
-    if not hasattr(args, "func"):
-        parser.print_help()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if argv[0] not in commands:
+        parser.parse_args(argv)  # prints usage/help and exits
         return 2
+    # Per command, so that key=value overrides may come before or after --options.
+    args = commands[argv[0]].parse_intermixed_args(argv[1:])
     try:
         return args.func(args)
     except LostLMError as exc:
