@@ -308,6 +308,9 @@ def run_bench(recipe: Recipe, lock: str | None = None, log=print) -> dict:
             cfg = run_config(recipe, variant, seed, peak["peak_flops_per_s"])
             start = time.time()
             with _locked(lock):
+                if (folder / "summary.json").is_file():  # another bench finished it while we queued
+                    log(f"  {variant.name} seed {seed}: done meanwhile, skipped")
+                    continue
                 log(f"  {variant.name} seed {seed}: running ...")
                 ok, message = _run_one(cfg, folder, recipe.isolate)
             if ok:
