@@ -222,6 +222,28 @@ def _measure_peak(cfg: Config, device, dtype, cache: Path, force: bool, seconds:
             "threads": torch.get_num_threads(), "peak_flops_per_s": value, "cache": str(cache / "peak_flops.json")}
 
 
+def _cached_peak(cfg: Config) -> dict | None:
+    """measure_peak's answer when it is already cached (no measurement, no lock)."""
+    import torch
+
+    from .data import cache_root
+    from .metrics import peak_flops_key, stored_peak_flops
+
+    device, dtype = training_dtype(cfg)
+    threads = torch.get_num_threads()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    try:
+        value = stored_peak_flops(cache_root(cfg.data), device, dtype)
+        if value is None:
+            return None
+        return {"key": peak_flops_key(device, dtype), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                "threads": torch.get_num_threads(), "peak_flops_per_s": value,
+                "cache": str(cache_root(cfg.data) / "peak_flops.json")}
+    finally:
+        torch.set_num_threads(threads)
+
+
 def machine_info() -> dict:
     import torch
 
@@ -293,8 +315,10 @@ def run_bench(recipe: Recipe, lock: str | None = None, log=print) -> dict:
     if recipe.source is not None:
         (recipe.results / "recipe.yaml").write_text(recipe.source.read_text())
     probe = run_config(recipe, recipe.variants[0], recipe.seeds[0])
-    with _locked(lock):
-        peak = measure_peak(probe)
+    peak = _cached_peak(probe)
+    if peak is None:  # measuring is heavy: queue for the lock; reading the cache is not
+        with _locked(lock):
+            peak = measure_peak(probe)
     (recipe.results / "peak.json").write_text(json.dumps(peak, indent=1))
     log(f"bench {recipe.name}: peak {peak['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({peak['dtype']}, {peak['threads']} threads); "
         f"{len(recipe.variants)} variants x {len(recipe.seeds)} seeds -> {recipe.results}")
