@@ -36,6 +36,14 @@ COMMON = dict(train__steps=6, train__checkpoint_every=3, train__eval_every=3, tr
 TOLERANCE = 1e-5  # fp32; the reductions add the same numbers in a different order
 
 
+def _has_fsdp2() -> bool:
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401  (torch >= 2.6)
+    except ImportError:
+        return False
+    return True
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -78,7 +86,9 @@ def assert_same_run(run: Path, reference: Path, exact: bool = False) -> None:
     got, want = step_records(run), step_records(reference)
     assert sorted(got) == sorted(want) == list(range(1, 7))
     for step in want:
-        for key in ("loss", "weight_max_min", "weight_entropy"):
+        # grad_norm (before clipping) catches a wrong loss scale (× world size), which AdamW and
+        # clipping would otherwise hide from the losses and weights
+        for key in ("loss", "grad_norm", "weight_max_min", "weight_entropy"):
             if exact:
                 assert got[step][key] == want[step][key], (run.name, step, key)
             else:
@@ -146,6 +156,7 @@ def _rank_worker(rank: int, world: int, port: int, overrides: list[str], out: st
     dist.destroy_process_group()
 
 
+@pytest.mark.skipif(not _has_fsdp2(), reason="this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
 def test_ranks_start_identical_and_read_disjoint_slices(setup):
     import torch.multiprocessing as mp
 
@@ -213,6 +224,7 @@ def test_ddp_two_processes_match_one_and_resume_exactly(setup):
     assert_same_run(root / "ddp-resumed", root / "ddp", exact=True)
 
 
+@pytest.mark.skipif(not _has_fsdp2(), reason="this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
 def test_fsdp_two_processes_match_one_and_resume(setup):
     root, args = setup
     torchrun(args("fsdp", train__parallel="fsdp", train__steps=3))
@@ -223,3 +235,18 @@ def test_fsdp_two_processes_match_one_and_resume(setup):
     one = json.loads((root / "one" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["val_loss"] == pytest.approx(one["val_loss"], abs=TOLERANCE)
     assert summary["parameters"] == one["parameters"]  # counted on the whole model, not one shard
+
+
+def test_fsdp_setting_in_one_process_saves_name_keyed_state_and_resumes(setup):
+    """train.parallel=fsdp without torchrun: nothing is sharded, but checkpoints use the same
+    name-keyed optimizer state as a sharded run, and resume from them is exact."""
+    from lostlm.train import Trainer
+
+    root, args = setup
+    Trainer(load_config(None, args("fsdp-one", train__parallel="fsdp", train__steps=3))).train()
+    state = json.loads((latest_checkpoint(root / "fsdp-one") / "state.json").read_text())
+    assert "model.layers.0.self_attn.q_proj.lowrank_down" in json.dumps(state["optimizer"])
+    resumed = Trainer(load_config(None, args("fsdp-one", train__parallel="fsdp")))
+    assert resumed.step == 3
+    resumed.train()
+    assert_same_run(root / "fsdp-one", root / "one", exact=True)

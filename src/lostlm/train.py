@@ -22,7 +22,9 @@ accumulating 4 micro-batches of B/4 gives the gradient of one batch of B.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -70,7 +72,15 @@ def init_distributed(device_kind: str) -> DistEnv:
         return DistEnv()
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+        # Leave the group before the interpreter shuts down: otherwise gloo's worker threads can
+        # abort the process at exit ("terminate called without an active exception", SIGABRT).
+        atexit.register(_leave_process_group)
     return DistEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def resolve_device(cfg: Config, env: DistEnv) -> torch.device:
@@ -193,9 +203,13 @@ class Trainer:
             else:
                 from torch.nn.parallel import DistributedDataParallel
                 ids = [self.device.index] if self.device.type == "cuda" else None
-                # No buffer broadcast before every forward: our buffers (RoPE tables, LOST channel
-                # indices) never change, and DDP already broadcast them once at construction.
-                model = DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+                # Our buffers (RoPE tables, LOST channel indices) never change: no sync before every
+                # forward. torch >= 2.13 still syncs them once at construction; older torch
+                # (broadcast_buffers=False) does not, which is harmless: every rank builds the same
+                # buffers from the same seed, or loads them from the same checkpoint.
+                params = inspect.signature(DistributedDataParallel).parameters
+                no_resync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+                model = DistributedDataParallel(model, device_ids=ids, **no_resync)
         if self.cfg.train.compile:
             model = torch.compile(model)
         return model
