@@ -235,6 +235,3 @@ class SLTrainLinear(_Factorised):
     def reconstruction_flops(self) -> int:
         return 2 * self.rank * self.in_features * self.out_features
 
-
-def dense_trainable_parameters(layer: nn.Linear) -> int:
-    return sum(p.numel() for p in layer.parameters())

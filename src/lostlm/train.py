@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from . import checkpoint as ckpt_io
-from .configs import Config, config_from_dict, read_config_file, save_config
+from .configs import Config, read_config_file, save_config
 from .convert import build_model
 from .data import build_data, cache_root
 from .errors import LostLMError
@@ -482,10 +482,3 @@ def format_summary(summary: dict) -> str:
                  f"({'max_memory_allocated' if summary['device'].startswith('cuda') else 'process peak RSS'})")
     return "\n".join(lines)
 
-
-def load_run_config(run_dir: Path) -> Config:
-    """The config a run folder was trained with."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise LostLMError(f"{run_dir} is not a lostlm run folder (no config.yaml); pass the train.out_dir of a run")
-    return config_from_dict(read_config_file(path))
