@@ -1,0 +1,66 @@
+"""Model weights in and out: the one strict state-dict check, and tensors ready for safetensors.
+
+Used by checkpoints, by the transformers integration and by export, so that "these weights do
+not fit this model" is detected (and worded) in exactly one place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .errors import LostLMError
+
+
+def state_for_saving(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies with tied tensors de-duplicated (safetensors refuses shared storage)."""
+    out, seen = {}, set()
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)) if tensor.numel() else None
+        if key is not None and key in seen:
+            continue  # tied weight: the first name (embed_tokens) carries it
+        if key is not None:
+            seen.add(key)
+        out[name] = tensor.detach().cpu().contiguous()
+    return out
+
+
+def state_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor],
+                   may_be_missing: Iterable[str] = ()) -> str | None:
+    """A short description of why ``given`` does not fit a model whose state is ``own``
+    (missing, unexpected or differently shaped tensors), or None when it fits."""
+    optional = set(may_be_missing)
+    missing = [k for k in own if k not in given and k not in optional]
+    unexpected = [k for k in given if k not in own]
+    mismatched = [k for k in given if k in own and tuple(own[k].shape) != tuple(given[k].shape)]
+    if missing:
+        return f"{len(missing)} tensors missing, first {missing[0]}"
+    if unexpected:
+        return f"{len(unexpected)} unexpected tensors, first {unexpected[0]}"
+    if mismatched:
+        name = mismatched[0]
+        return f"shape of {name} is {tuple(given[name].shape)}, the model wants {tuple(own[name].shape)}"
+    return None
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path, hint: str,
+                may_be_missing: Iterable[str] = ()) -> None:
+    """Load ``state`` into ``model`` or raise one line naming ``source``, the first mismatch
+    and ``hint`` (what the user should do). ``may_be_missing``: names that may be absent
+    (a tied ``lm_head.weight``). Values are copied, so bf16/fp16 weights are cast to the
+    model's dtype."""
+    problem = state_mismatch(model.state_dict(), state, may_be_missing)
+    if problem:
+        raise LostLMError(f"{source} does not fit this model ({problem}); {hint}")
+    model.load_state_dict(state, strict=False)
+
+
+def tied_head_names(model: torch.nn.Module) -> tuple[str, ...]:
+    """``("lm_head.weight",)`` when the model ties its head to the embedding, else ``()``."""
+    config = getattr(model, "config", None)
+    tied = getattr(config, "tie_embeddings", None)
+    if tied is None:
+        tied = getattr(config, "tie_word_embeddings", False)
+    return ("lm_head.weight",) if tied else ()
