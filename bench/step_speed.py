@@ -19,7 +19,7 @@ import time
 import torch
 
 from lostlm.configs import load_config
-from lostlm.convert import build_model
+from lostlm.build import build_model
 from lostlm.metrics import forward_flops_per_token
 from lostlm.optim import build_optimizer
 from lostlm.train import sequence_losses

@@ -126,7 +126,7 @@ def _rank_worker(rank: int, world: int, port: int, overrides: list[str], out: st
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from lostlm.convert import build_model
+    from lostlm.build import build_model
     from lostlm.data import build_data
     from lostlm.optim import build_optimizer
     from lostlm.parallel import apply_fsdp, even_batches, gathered_state_dicts
@@ -160,7 +160,7 @@ def _rank_worker(rank: int, world: int, port: int, overrides: list[str], out: st
 def test_ranks_start_identical_and_read_disjoint_slices(setup):
     import torch.multiprocessing as mp
 
-    from lostlm.convert import build_model
+    from lostlm.build import build_model
     from lostlm.data import build_data
 
     root, args = setup

@@ -8,7 +8,8 @@ from torch import nn
 
 from lostlm.cli import main
 from lostlm.configs import METHODS, LayerConfig, load_config
-from lostlm.convert import build_layer, build_model
+from lostlm.build import build_model
+from lostlm.convert import build_layer
 from lostlm.estimate import estimate, estimate_preset, layer_flops_per_token, layer_parameters
 from lostlm.metrics import forward_flops_per_token, linear_flops_per_token, saved_activation_bytes, training_flops_per_step
 

@@ -14,10 +14,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from conftest import generate_documents
+from lostlm.build import build_model
 from lostlm.checkpoint import save_checkpoint
 from lostlm.cli import main
 from lostlm.configs import config_from_dict, save_config
-from lostlm.convert import build_model
 from lostlm.export import export_dense
 from lostlm.layers import NotMergeable
 from lostlm.loading import load_trained_run

@@ -9,12 +9,13 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from lostlm.build import build_model
 from lostlm.cli import main
 from lostlm.configs import config_from_dict
-from lostlm.convert import build_model
 from lostlm.errors import LostLMError
-from lostlm.export import convert_pretrained
-from lostlm.hf import LostLlamaConfig, LostLlamaForCausalLM, llama_from_pretrained, to_hf
+from lostlm.interop.llama_reader import llama_from_pretrained
+from lostlm.interop.lost_llama import LostLlamaConfig, LostLlamaForCausalLM, to_hf
+from lostlm.interop.pretrained import convert_pretrained
 from lostlm.layers import LOSTLinear
 
 VOCAB = 300
@@ -66,7 +67,7 @@ def test_a_checkpoint_missing_a_tensor_is_refused(tmp_path):
     state = load_file(tmp_path / "model.safetensors")
     del state["model.layers.1.mlp.up_proj.channel_index"]
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="lacks 1 tensors"):
+    with pytest.raises(ValueError, match="1 tensors missing, first model.layers.1.mlp.up_proj.channel_index"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 

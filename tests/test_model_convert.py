@@ -7,18 +7,17 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lostlm.build import build_model
 from lostlm.configs import PRESETS, Config, LayerConfig, ModelConfig
-from lostlm.convert import build_model, convert_linear_layers
+from lostlm.convert import convert_linear_layers
 from lostlm.errors import LostLMError
+from lostlm.interop.names import hf_fields
 from lostlm.layers import LOSTLinear, LowRankLinear, SLTrainLinear
 from lostlm.model import LlamaLM, count_parameters
 
 
 def hf_config(m: ModelConfig) -> LlamaConfig:
-    return LlamaConfig(vocab_size=m.vocab_size, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
-                       num_attention_heads=m.num_heads, num_key_value_heads=m.num_kv_heads, num_hidden_layers=m.num_layers,
-                       rms_norm_eps=m.norm_eps, max_position_embeddings=m.max_seq_len, tie_word_embeddings=m.tie_embeddings,
-                       rope_theta=m.rope_theta)
+    return LlamaConfig(**hf_fields(m))
 
 
 def small_model_config(**kw) -> ModelConfig:

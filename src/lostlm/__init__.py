@@ -5,6 +5,6 @@ Importing the package registers the ``lost_llama`` model type with transformers'
 ``AutoModelForCausalLM.from_pretrained(path)``.
 """
 
-from . import hf  # noqa: F401  (registration with the transformers Auto classes)
+from .interop import lost_llama  # noqa: F401  (registration with the transformers Auto classes)
 
 __version__ = "0.1.0"

@@ -79,7 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # Modules that contribute sub-commands through a ``register(subparsers)`` function.
-COMMAND_MODULES: tuple[str, ...] = ("generate", "export", "bench", "estimate")
+COMMAND_MODULES: tuple[str, ...] = ("generate", "export", "interop.pretrained", "bench", "estimate")
 
 
 def build_parser() -> argparse.ArgumentParser:

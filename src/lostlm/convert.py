@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .configs import Config, LayerConfig
+from .configs import LayerConfig
 from .errors import LostLMError
 from .layers import LOSTLinear, LowRankLinear, SLTrainLinear
-from .model import LlamaLM
 
 # Methods whose layers are plain nn.Linear (galore trains dense weights with another optimizer).
 DENSE_METHODS = ("full", "galore")
@@ -92,27 +91,3 @@ def convert_linear_layers(model: nn.Module, layer_cfg: LayerConfig, rank: int, s
         report.append(ConvertedLayer(name, tuple(linear.weight.shape), error))
     return report
 
-
-def build_model(cfg: Config, vocab_size: int) -> tuple[LlamaLM, list[ConvertedLayer]]:
-    """The run's model: a LlamaLM of the resolved shape, initialised from ``train.seed``, with
-    the targeted projections converted to ``layer.method``. Same seed ⇒ same W0 for every
-    method, so methods differ only in their parametrisation."""
-    if cfg.model.init_from:
-        from .hf import llama_from_pretrained  # weights of a local transformers checkpoint
-
-        model = llama_from_pretrained(cfg.model.init_from)
-        if model.config.vocab_size < vocab_size:
-            raise LostLMError(f"model.init_from={cfg.model.init_from} has {model.config.vocab_size} embeddings but the "
-                              f"tokenizer has {vocab_size} tokens; set data.tokenizer to the same folder")
-        report = convert_linear_layers(model, cfg.layer, cfg.resolved_rank(), seed=cfg.train.seed + 1,
-                                       init_std=model.config.init_std)
-        return model, report
-    model_cfg = cfg.resolved_model()
-    if model_cfg.vocab_size is None:
-        model_cfg.vocab_size = vocab_size
-    elif model_cfg.vocab_size < vocab_size:
-        raise LostLMError(f"config model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's "
-                          f"vocabulary ({vocab_size}); remove model.vocab_size or raise it")
-    model = LlamaLM(model_cfg, torch.Generator().manual_seed(cfg.train.seed))
-    report = convert_linear_layers(model, cfg.layer, cfg.resolved_rank(), seed=cfg.train.seed + 1, init_std=model_cfg.init_std)
-    return model, report

@@ -5,7 +5,7 @@
     lostlm generate out/llama --prompt "The king" --temperature 0          # greedy, an exported folder
 
 This is transformers' ``generate`` with a ``TextStreamer`` on our
-:class:`~lostlm.hf.LostLlamaForCausalLM`, so sampling (temperature, top-k, top-p) is the
+:class:`~lostlm.interop.lost_llama.LostLlamaForCausalLM`, so sampling (temperature, top-k, top-p) is the
 library's. The same seed gives the same text on the same machine. There is no KV cache: each
 new token recomputes the whole prefix, which is fine for the short samples this is meant for.
 The text goes to stdout, the one-line description of the model to stderr.
@@ -26,7 +26,7 @@ from .errors import LostLMError
 def load_for_generation(path: str | Path, device: str = "cpu") -> tuple[Any, Any, str]:
     """(transformers model, tokenizer, description) of a run folder, a checkpoint folder, or
     an exported folder (lost_llama or llama, recognised by its config.json)."""
-    from .hf import load_hf_folder, to_hf
+    from .interop.lost_llama import load_hf_folder, to_hf
 
     folder = Path(path)
     if (folder / "config.json").is_file():

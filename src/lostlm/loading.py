@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from . import checkpoint as ckpt_io
 from .configs import Config, apply_overrides, config_from_dict, read_config_file
-from .convert import build_model
+from .build import build_model
 from .errors import LostLMError
 from .model import LlamaLM
 

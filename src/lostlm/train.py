@@ -40,7 +40,7 @@ from torch import nn
 
 from . import checkpoint as ckpt_io
 from .configs import Config, read_config_file, save_config
-from .convert import build_model
+from .build import build_model
 from .data import build_data, cache_root
 from .errors import LostLMError
 from .evaluate import evaluate_loss, token_losses

@@ -1,43 +1,38 @@
-"""Hugging Face ``transformers`` integration: a ``lost_llama`` model type, and Llama import.
+"""The ``lost_llama`` transformers model type: our LlamaLM (LOST or any baseline layers) as a ``PreTrainedModel``.
 
-Two directions:
+:class:`LostLlamaForCausalLM` is our :class:`~lostlm.model.LlamaLM` as a transformers causal
+LM. Importing ``lostlm`` registers it with ``AutoConfig`` / ``AutoModelForCausalLM``, so a
+saved folder works with the usual calls::
 
-* **out** — :class:`LostLlamaForCausalLM` is our :class:`~lostlm.model.LlamaLM` (LOST or any
-  baseline layers included) as a ``PreTrainedModel``. Importing ``lostlm`` registers it with
-  ``AutoConfig`` / ``AutoModelForCausalLM``, so a saved folder works with the usual calls::
+    import lostlm, transformers
+    model = transformers.AutoModelForCausalLM.from_pretrained("out/lost-hf")
+    model.generate(**tokenizer("The king", return_tensors="pt"), max_new_tokens=20)
 
-      import lostlm, transformers
-      model = transformers.AutoModelForCausalLM.from_pretrained("out/lost-hf")
-      model.generate(**tokenizer("The king", return_tensors="pt"), max_new_tokens=20)
-
-  :func:`save_hf` writes a trained run (``load_trained_run``) as such a folder
-  (``lostlm export RUN --out DIR``). Parameter names are exactly those of our checkpoints.
-  There is no KV cache: every generated token recomputes the whole prefix.
-
-* **in** — :func:`llama_from_pretrained` reads a local ``transformers`` Llama folder
-  (config.json + safetensors) into our dense ``LlamaLM``: the base of ``model.init_from``
-  (continued full-rank training, or LOST initialised from the SVD of the real weights).
+:func:`to_hf` wraps a trained run (``load_trained_run``) or a LlamaLM without copying;
+:func:`save_hf` writes it as such a folder (``lostlm export RUN --out DIR``);
+:func:`load_hf_folder` reads a lost_llama or llama folder back for ``lostlm generate``.
+Parameter names are exactly those of our checkpoints. There is no KV cache: every generated
+token recomputes the whole prefix.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PretrainedConfig,
-                          PreTrainedModel)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GenerationMixin,
+                          PretrainedConfig, PreTrainedModel)
 from transformers.modeling_outputs import CausalLMOutput
 
-from .configs import LayerConfig, ModelConfig, config_from_dict
-from .convert import convert_linear_layers
-from .errors import LostLMError
-from .model import LlamaLM, rope_tables
+from ..configs import LayerConfig, ModelConfig, config_from_dict
+from ..convert import convert_linear_layers
+from ..errors import LostLMError
+from ..model import LlamaLM, rope_tables
+from ..weights import state_mismatch, tied_head_names
+from .names import hf_fields, model_fields, special_token_ids
 
 MODEL_TYPE = "lost_llama"
 # LayerConfig fields a lost_llama config carries (the galore_* fields only matter to the optimizer).
@@ -91,25 +86,13 @@ class LostLlamaConfig(PretrainedConfig):
     # -- to and from our own configs -------------------------------------------------
     def lostlm_configs(self) -> tuple[ModelConfig, LayerConfig]:
         """(ModelConfig, LayerConfig), validated by lostlm's own rules (LostLMError on bad values)."""
-        cfg = config_from_dict({
-            "model": dict(vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                          num_heads=self.num_attention_heads, num_kv_heads=self.num_key_value_heads,
-                          num_layers=self.num_hidden_layers, max_seq_len=self.max_position_embeddings,
-                          rope_theta=self.rope_theta, norm_eps=self.rms_norm_eps, init_std=self.initializer_range,
-                          tie_embeddings=self.tie_word_embeddings),
-            "layer": {key: getattr(self, key) for key in LAYER_KEYS},
-        })
+        cfg = config_from_dict({"model": model_fields(self), "layer": {key: getattr(self, key) for key in LAYER_KEYS}})
         return cfg.resolved_model(), cfg.layer
 
     @classmethod
     def from_lostlm(cls, model_cfg: ModelConfig, layer_cfg: LayerConfig, rank: int, **kwargs: Any) -> "LostLlamaConfig":
         layer = {key: getattr(layer_cfg, key) for key in LAYER_KEYS if key != "rank"}
-        return cls(vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.hidden_size,
-                   intermediate_size=model_cfg.intermediate_size, num_hidden_layers=model_cfg.num_layers,
-                   num_attention_heads=model_cfg.num_heads, num_key_value_heads=model_cfg.num_kv_heads,
-                   max_position_embeddings=model_cfg.max_seq_len, rope_theta=model_cfg.rope_theta,
-                   rms_norm_eps=model_cfg.norm_eps, initializer_range=model_cfg.init_std,
-                   tie_word_embeddings=model_cfg.tie_embeddings, rank=rank, **layer, **kwargs)
+        return cls(**hf_fields(model_cfg), rank=rank, **layer, **kwargs)
 
 
 class LostLlamaForCausalLM(PreTrainedModel, GenerationMixin):
@@ -162,12 +145,12 @@ class LostLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         (a LOST layer left at its meta-device placeholder would silently produce garbage)."""
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        # What the file provided: every tensor of the model but those transformers reports missing.
+        own = model.state_dict()
         missing = set(info.get("missing_keys", ()))
-        if model.config.tie_word_embeddings:
-            missing.discard("lm_head.weight")
-        missing = sorted(missing)
-        if missing:
-            raise ValueError(f"lost_llama checkpoint lacks {len(missing)} tensors (first: {missing[0]}); "
+        problem = state_mismatch(own, {k: v for k, v in own.items() if k not in missing}, tied_head_names(model))
+        if problem:
+            raise ValueError(f"lost_llama checkpoint does not fit its config ({problem}); "
                              "it was saved with a different layer config")
         model.generation_config.use_cache = False
         return (model, info) if want_info else model
@@ -245,14 +228,7 @@ AutoModelForCausalLM.register(LostLlamaConfig, LostLlamaForCausalLM, exist_ok=Tr
 
 
 # ----------------------------------------------------------------------------------------
-# lostlm run -> lost_llama
-
-
-def special_token_ids(tokenizer: Any) -> dict[str, int | None]:
-    if tokenizer is None:
-        return {}
-    ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
-    return {key: value for key, value in ids.items() if value is not None}
+# lostlm run -> lost_llama folder, and back
 
 
 def to_hf(source: Any, layer: LayerConfig | None = None, rank: int | None = None, tokenizer: Any = None) -> LostLlamaForCausalLM:
@@ -280,17 +256,10 @@ def _check_fits(config: LostLlamaConfig, model: LlamaLM) -> None:
     """The config rebuilds exactly this module tree (shapes of every tensor), checked on meta."""
     with torch.device("meta"):
         skeleton = LostLlamaForCausalLM(config).state_dict()
-    own = model.state_dict()
-    for name, tensor in own.items():
-        if name not in skeleton or skeleton[name].shape != tensor.shape:
-            want = tuple(skeleton[name].shape) if name in skeleton else "no such tensor"
-            raise LostLMError(f"layer config method={config.method} rank={config.rank} density={config.density} does not "
-                              f"rebuild this model ({name}: model {tuple(tensor.shape)}, config {want}); "
-                              "pass the layer config and rank the model was converted with")
-    extra = sorted(set(skeleton) - set(own))
-    if extra:
-        raise LostLMError(f"layer config method={config.method} expects {extra[0]}, which the model lacks; "
-                          "pass the layer config the model was converted with")
+    problem = state_mismatch(skeleton, model.state_dict())
+    if problem:
+        raise LostLMError(f"layer config method={config.method} rank={config.rank} density={config.density} does not "
+                          f"rebuild this model (against what the config builds: {problem}); pass the layer config and rank the model was converted with")
 
 
 def save_hf(run: Any, out_dir: str | Path, tokenizer: Any = None, **kwargs: Any) -> Path:
@@ -306,103 +275,8 @@ def save_hf(run: Any, out_dir: str | Path, tokenizer: Any = None, **kwargs: Any)
     return out
 
 
-# ----------------------------------------------------------------------------------------
-# transformers Llama folder -> our dense LlamaLM
-
-
-def read_llama_config(path: str | Path) -> ModelConfig:
-    """ModelConfig of a local transformers Llama folder; LostLMError for what we do not model."""
-    folder = Path(path)
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise LostLMError(f"{folder} has no config.json; model.init_from must be a local transformers Llama folder "
-                          "(save_pretrained output), not a hub name")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise LostLMError(f"{config_file} is not valid JSON ({exc})") from None
-    model_type = hf.get("model_type")
-    if model_type != "llama":
-        raise LostLMError(f"{folder} holds model_type={model_type!r}; only llama checkpoints can be imported "
-                          "(export dense lost models with lostlm export --dense first)")
-    heads = hf["num_attention_heads"]
-    unsupported = []
-    if hf.get("attention_bias"):
-        unsupported.append("attention_bias=true")
-    if hf.get("mlp_bias"):
-        unsupported.append("mlp_bias=true")
-    if hf.get("hidden_act", "silu") != "silu":
-        unsupported.append(f"hidden_act={hf['hidden_act']}")
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // heads):
-        unsupported.append(f"head_dim={hf['head_dim']} (not hidden_size/num_attention_heads)")
-    rope = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if scaling:
-        unsupported.append(f"rope_scaling={scaling}")
-    if unsupported:
-        raise LostLMError(f"{folder}: {', '.join(unsupported)} is not supported by lostlm's LlamaLM; "
-                          "use a plain Llama checkpoint (no biases, default RoPE)")
-    rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    return ModelConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                       intermediate_size=hf["intermediate_size"], num_heads=heads,
-                       num_kv_heads=hf.get("num_key_value_heads") or heads, num_layers=hf["num_hidden_layers"],
-                       max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(rope_theta),
-                       norm_eps=hf.get("rms_norm_eps", 1e-6), init_std=hf.get("initializer_range", 0.02),
-                       tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-
-
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise LostLMError(f"{folder} has no model.safetensors (or sharded index); convert .bin weights to safetensors "
-                          "with transformers: LlamaForCausalLM.from_pretrained(dir).save_pretrained(dir)")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            state.update(load_file(str(folder / name)))
-        except (OSError, SafetensorError) as exc:
-            raise LostLMError(f"{folder / name} is not a readable safetensors file ({exc})") from None
-    return state
-
-
-@torch.no_grad()
-def llama_from_pretrained(path: str | Path) -> LlamaLM:
-    """A local transformers Llama folder (config.json + safetensors) as our dense LlamaLM in
-    float32. Built on the meta device and filled from the file, so no random init is spent."""
-    folder = Path(path)
-    model_cfg = read_llama_config(folder)
-    state = {k: v for k, v in _read_safetensors(folder).items() if not k.endswith("rotary_emb.inv_freq")}
-    if model_cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    with torch.device("meta"):
-        model = LlamaLM(model_cfg)
-    model.to_empty(device="cpu")
-    own = model.state_dict()
-    if model_cfg.tie_embeddings:
-        own.pop("lm_head.weight")
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = [k for k in own if k in state and own[k].shape != state[k].shape]
-    if missing or unexpected or wrong:
-        detail = (f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}" if unexpected
-                  else f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)}, config says {tuple(own[wrong[0]].shape)}")
-        raise LostLMError(f"{folder}: weights do not match its config.json ({detail}); is it a LlamaForCausalLM checkpoint?")
-    model.load_state_dict(state, strict=False)  # copy_ casts bf16/fp16 checkpoints to float32
-    if model_cfg.tie_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    cos, sin = rope_tables(model_cfg.hidden_size // model_cfg.num_heads, model_cfg.max_seq_len, model_cfg.rope_theta)
-    model.rope_cos, model.rope_sin = cos, sin
-    return model.eval()
-
-
 def load_hf_folder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """(model, tokenizer) of a lost_llama or llama folder, for generate; LostLMError otherwise."""
-    from transformers import AutoTokenizer
-
     folder = Path(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
