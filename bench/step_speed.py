@@ -65,6 +65,22 @@ def step(model, run, opt, batch, dtype: torch.dtype | None):
     return loss.item()
 
 
+def write_profile(args, built: dict, batch: torch.Tensor) -> None:
+    """A torch.profiler table of one step per method, written to ``args.profile``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with open(args.profile, "w") as fh:
+        for m, (cfg, model, run, opt) in built.items():
+            dtype = training_dtype(cfg)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
+                step(model, run, opt, batch, dtype)
+            precision = f"{str(dtype).replace('torch.', '')} autocast" if dtype else "fp32"
+            fh.write(f"==== {m} ({args.preset}, batch {args.batch}x{args.seq}, {precision}{', compiled' if args.compile else ''})\n")
+            table = prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=40,
+                                                                              max_name_column_width=40, max_shapes_column_width=90)
+            fh.write(table + "\n\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="60m")
@@ -118,18 +134,7 @@ def main() -> None:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "results": out}, fh, indent=1)
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        with open(args.profile, "w") as fh:
-            for m, (cfg, model, run, opt) in built.items():
-                dtype = training_dtype(cfg)
-                with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
-                    step(model, run, opt, batch, dtype)
-                precision = f"{str(dtype).replace('torch.', '')} autocast" if dtype else "fp32"
-                fh.write(f"==== {m} ({args.preset}, batch {args.batch}x{args.seq}, {precision}{', compiled' if args.compile else ''})\n")
-                table = prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=40,
-                                                                                  max_name_column_width=40, max_shapes_column_width=90)
-                fh.write(table + "\n\n")
+        write_profile(args, built, batch)
         print(f"profile: {args.profile}")
 
 
