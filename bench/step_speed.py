@@ -4,9 +4,11 @@ between methods are comparable (the machine is shared and noisy: compare within 
     flock /tmp/lostlm-cpu.lock python bench/step_speed.py --preset 60m --methods full lost sltrain
     flock /tmp/lostlm-cpu.lock python bench/step_speed.py --preset 60m --methods lost --profile bench/results/profile-lost-60m.txt
 
-A step is exactly the trainer's: bf16 autocast forward, per-sequence loss, backward, grad
-clipping, AdamW (GaLoreAdamW for galore), zero_grad — on random tokens (speed does not depend
-on the text). Methods are interleaved round-robin so drifts in machine load hit all alike.
+A step is exactly the trainer's: autocast forward in the trainer's dtype (``train.precision``
+through :func:`lostlm.runtime.autocast_dtype`: bf16 where the CPU has native bf16 matmuls),
+per-sequence loss, backward, grad clipping, AdamW (GaLoreAdamW for galore), zero_grad — on
+random tokens (speed does not depend on the text). Methods are interleaved round-robin so
+drifts in machine load hit all alike.
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from lostlm.configs import load_config
 from lostlm.build import build_model
 from lostlm.metrics import forward_flops_per_token
 from lostlm.optim import build_optimizer
-from lostlm.train import sequence_losses
+from lostlm.runtime import autocast_context, autocast_dtype
+from lostlm.train import sequence_losses  # TODO(merge): from lostlm.losses import sequence_losses
+
+DEVICE = torch.device("cpu")  # the timed steps run on the CPU (the batch is made there)
 
 
 def make(spec: str, preset: str, vocab: int, extra: list[str], compile_: bool):
@@ -44,8 +49,13 @@ def make(spec: str, preset: str, vocab: int, extra: list[str], compile_: bool):
     return cfg, model, run, opt
 
 
-def step(model, run, opt, batch):
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def training_dtype(cfg) -> torch.dtype | None:
+    """The trainer's autocast dtype for this config on the CPU (None: fp32)."""
+    return autocast_dtype(cfg.train.precision, DEVICE)
+
+
+def step(model, run, opt, batch, dtype: torch.dtype | None):
+    with autocast_context(DEVICE, dtype)():
         logits = run(batch[:, :-1])
     loss = sequence_losses(logits, batch[:, 1:]).mean()
     loss.backward()
@@ -53,6 +63,22 @@ def step(model, run, opt, batch):
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.item()
+
+
+def write_profile(args, built: dict, batch: torch.Tensor) -> None:
+    """A torch.profiler table of one step per method, written to ``args.profile``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with open(args.profile, "w") as fh:
+        for m, (cfg, model, run, opt) in built.items():
+            dtype = training_dtype(cfg)
+            with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
+                step(model, run, opt, batch, dtype)
+            precision = f"{str(dtype).replace('torch.', '')} autocast" if dtype else "fp32"
+            fh.write(f"==== {m} ({args.preset}, batch {args.batch}x{args.seq}, {precision}{', compiled' if args.compile else ''})\n")
+            table = prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=40,
+                                                                              max_name_column_width=40, max_shapes_column_width=90)
+            fh.write(table + "\n\n")
 
 
 def main() -> None:
@@ -80,20 +106,21 @@ def main() -> None:
     for m, (cfg, model, run, opt) in built.items():
         t0 = time.perf_counter()
         for _ in range(2):
-            step(model, run, opt, batch)
+            step(model, run, opt, batch, training_dtype(cfg))
         print(f"{m}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
     for _ in range(args.steps):
         for m, (cfg, model, run, opt) in built.items():
             t0 = time.perf_counter()
-            step(model, run, opt, batch)
+            step(model, run, opt, batch, training_dtype(cfg))
             times[m].append(time.perf_counter() - t0)
     tokens = args.batch * args.seq
     peak = None
     if args.peak:
         from lostlm.metrics import measure_peak_flops
 
-        peak = max(measure_peak_flops(torch.device("cpu"), torch.bfloat16, size=n, seconds=1.5) for n in (1024, 2048, 4096))
-        print(f"peak bf16 matmul: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+        dtype = training_dtype(built[args.methods[0]][0]) or torch.float32
+        peak = max(measure_peak_flops(DEVICE, dtype, size=n, seconds=1.5) for n in (1024, 2048, 4096))
+        print(f"peak {str(dtype).replace('torch.', '')} matmul: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     out = {"_peak_flops_per_s": peak, "_threads": torch.get_num_threads()}
     base = statistics.median(times[args.methods[0]])
     for m in args.methods:
@@ -107,16 +134,7 @@ def main() -> None:
         with open(args.json, "w") as fh:
             json.dump({"args": vars(args), "results": out}, fh, indent=1)
     if args.profile:
-        from torch.profiler import ProfilerActivity, profile
-
-        with open(args.profile, "w") as fh:
-            for m, (cfg, model, run, opt) in built.items():
-                with profile(activities=[ProfilerActivity.CPU], record_shapes=args.shapes) as prof:
-                    step(model, run, opt, batch)
-                fh.write(f"==== {m} ({args.preset}, batch {args.batch}x{args.seq}, bf16 autocast{', compiled' if args.compile else ''})\n")
-                table = prof.key_averages(group_by_input_shape=args.shapes).table(sort_by="self_cpu_time_total", row_limit=40,
-                                                                                  max_name_column_width=40, max_shapes_column_width=90)
-                fh.write(table + "\n\n")
+        write_profile(args, built, batch)
         print(f"profile: {args.profile}")
 
 

@@ -1,9 +1,10 @@
-"""Loss-based sample reweighting (DESIGN.md §3): the formulas, their bounds, and the trainer.
+"""Loss-based sample reweighting (Sow et al., ICLR 2025; the rule is written out in
+``src/lostlm/reweight.py``'s docstring): the formulas, their bounds, and the trainer.
 
 What "correct under gradient accumulation" means here: the weights are normalised per *global
-micro-batch* (the micro-batch of every data-parallel rank together), as DESIGN.md §3 says
-("per micro-batch ... gather over all ranks"), and the step's loss is the mean of the
-micro-batch losses. So with a non-uniform strategy, accumulating 4 micro-batches of 2 is *not*
+micro-batch* (the micro-batch of every data-parallel rank together), as ``lostlm.reweight``
+says ("per micro-batch ... the *global* batch (all data-parallel ranks)"), and the step's
+loss is the mean of the micro-batch losses. So with a non-uniform strategy, accumulating 4 micro-batches of 2 is *not*
 the same as one batch of 8 (the softmax runs over 2 sequences, not 8); with ``uniform`` it is
 (tests/test_train.py). ``test_accumulation_normalises_weights_per_micro_batch`` pins this down
 against a hand-written computation.
@@ -27,7 +28,7 @@ STRATEGIES = ("linupper", "quadratic", "extremes")
 
 
 def reference_weights(losses: list[float], strategy: str, r: float, delta: float = 1.0) -> list[float]:
-    """DESIGN.md §3 written out in plain Python floats (independent of lostlm.reweight)."""
+    """The reweighting formulas written out in plain Python floats (independent of lostlm.reweight)."""
     lo, hi = min(losses), max(losses)
     if hi == lo:
         xs = [0.0] * len(losses)
@@ -64,7 +65,9 @@ def weights_of(losses, strategy, r, delta=1.0, warmup=0, step=0) -> torch.Tensor
 @pytest.mark.parametrize("r", [0.25, 0.5, 1.0, 3.0])
 @pytest.mark.parametrize("delta", [1.0, 0.5])
 def test_weights_match_an_independent_computation(strategy, r, delta):
-    rng = random.Random(hash((strategy, r, delta)) & 0xFFFF)
+    # A string seed is hashed with SHA-512 by random.seed, so it is the same in every process
+    # (hash() of a str is randomised per process by PYTHONHASHSEED).
+    rng = random.Random(f"{strategy}/{r}/{delta}")
     for n in (2, 3, 8, 64):
         losses = random_losses(rng, n)
         got = weights_of(losses, strategy, r, delta)

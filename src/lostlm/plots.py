@@ -1,4 +1,7 @@
-"""PNG plots of training curves (matplotlib, headless)."""
+"""PNG plots (matplotlib, headless): one run's training curves, and a bench's comparison plots.
+
+The only module that draws: the trainer calls :func:`plot_run`, ``lostlm bench``'s report calls
+:func:`plot_bench` (which takes the variants list of :func:`lostlm.bench.report.collect`)."""
 
 from __future__ import annotations
 
@@ -39,3 +42,56 @@ def plot_run(metrics_path: Path, out_path: Path, title: str = "") -> Path:
     fig.savefig(out_path)
     plt.close(fig)
     return Path(out_path)
+
+
+def plot_bench(variants: list[dict], out: Path) -> list[Path]:
+    """A bench's three PNGs in ``out``: validation loss against tokens and against training
+    time (one line per run), and perplexity against memory (one point per variant)."""
+    out = Path(out)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    written = [_plot_eval_curves(variants, out / "loss_vs_tokens.png", "tokens", "tokens (millions)", 1e6, colors),
+               _plot_eval_curves(variants, out / "loss_vs_time.png", "time", "training wall time (s, excluding evaluation)",
+                                 1.0, colors)]
+    written.append(_plot_ppl_vs_memory(variants, out / "ppl_vs_memory.png", colors))
+    return written
+
+
+def _plot_eval_curves(variants: list[dict], path: Path, key: str, xlabel: str, scale: float, colors: list) -> Path:
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    for i, v in enumerate(variants):
+        for j, run in enumerate(v["runs"]):
+            curve = [p for p in run["eval_curve"] if p.get(key) is not None]
+            if curve:
+                ax.plot([p[key] / scale for p in curve], [p["val_loss"] for p in curve], "o-", ms=3,
+                        color=colors[i % len(colors)], alpha=0.85 if j == 0 else 0.4,
+                        label=v["name"] if j == 0 else None)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("validation loss (nats)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plot_ppl_vs_memory(variants: list[dict], path: Path, colors: list) -> Path:
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    for i, v in enumerate(variants):
+        a = v.get("aggregate")
+        if not a:
+            continue
+        color = colors[i % len(colors)]
+        ax.errorbar([a["peak_memory_bytes_mean"] / 2**20], [a["val_ppl_mean"]], yerr=[a["val_ppl_std"]], fmt="o",
+                    color=color, label=f"{v['name']} (measured peak)")
+        if "state_bytes" in a:
+            ax.plot([a["state_bytes"] / 2**20], [a["val_ppl_mean"]], "s", mfc="none", color=color)
+    ax.set_xscale("log")
+    ax.set_xlabel("memory (MiB, log): ● measured peak, □ analytic weights+grads+optimizer")
+    ax.set_ylabel("validation perplexity")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
