@@ -20,7 +20,7 @@ import torch
 
 from lostlm.configs import load_config
 from lostlm.convert import build_model
-from lostlm.metrics import forward_flops_per_token
+from lostlm.costs import forward_flops_per_token
 from lostlm.optim import build_optimizer
 from lostlm.train import sequence_losses
 
@@ -90,7 +90,7 @@ def main() -> None:
     tokens = args.batch * args.seq
     peak = None
     if args.peak:
-        from lostlm.metrics import measure_peak_flops
+        from lostlm.peak import measure_peak_flops
 
         peak = max(measure_peak_flops(torch.device("cpu"), torch.bfloat16, size=n, seconds=1.5) for n in (1024, 2048, 4096))
         print(f"peak bf16 matmul: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")

@@ -10,7 +10,7 @@ from lostlm.cli import main
 from lostlm.configs import METHODS, LayerConfig, load_config
 from lostlm.convert import build_layer, build_model
 from lostlm.estimate import estimate, estimate_preset, layer_flops_per_token, layer_parameters
-from lostlm.metrics import forward_flops_per_token, linear_flops_per_token, saved_activation_bytes, training_flops_per_step
+from lostlm.costs import forward_flops_per_token, linear_flops_per_token, saved_activation_bytes, training_flops_per_step
 
 M, N, R = 96, 80, 16  # out, in, rank of the one-layer hand counts
 

@@ -28,7 +28,7 @@ last checkpoint). Same seed ⇒ same initial W0 and the same data order for ever
 Outputs in the results folder: ``results.md`` (the table), ``results.json`` (every run's
 summary plus the aggregates), ``loss_vs_tokens.png``, ``loss_vs_time.png``,
 ``ppl_vs_memory.png``. MFU is against ``lostlm bench --peak`` (the measured bf16/fp32 matmul
-rate of this machine, cached), model FLOPs from the analytic counter in :mod:`lostlm.metrics`.
+rate of this machine, cached), model FLOPs from the analytic counter in :mod:`lostlm.costs`.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ import yaml
 
 from .configs import METHODS, Config, load_config, save_config
 from .errors import LostLMError
+from .peak import cached_peak, measure_peak
 
 RESULTS_ROOT = Path("bench/results")
 
@@ -172,78 +173,6 @@ def run_config(recipe: Recipe, variant: Variant, seed: int, peak_flops: float | 
         raise LostLMError(f"bench variant {variant.name}: {exc}") from None
 
 
-# ---------------------------------------------------------------------------------------------
-# peak FLOP rate
-
-
-def training_dtype(cfg: Config):
-    """The dtype the trainer will run its matmuls in on this machine (bf16 autocast or fp32)."""
-    import torch
-
-    from .train import autocast_dtype
-
-    device = torch.device("cuda" if cfg.train.device != "cpu" and torch.cuda.is_available() else "cpu")
-    return device, autocast_dtype(cfg, device) or torch.float32
-
-
-def measure_peak(cfg: Config | None = None, force: bool = False, seconds: float = 6.0) -> dict:
-    """Measure (or read the cached) matmul FLOP/s in the training dtype; stored where the
-    trainer looks (``<data cache>/peak_flops.json``) so runs and bench agree."""
-    import torch
-
-    from .data import cache_root
-    from .metrics import measure_peak_flops, peak_flops_key, store_peak_flops, stored_peak_flops
-
-    cfg = cfg or Config()
-    device, dtype = training_dtype(cfg)
-    cache = cache_root(cfg.data)
-    threads = torch.get_num_threads()
-    if cfg.train.threads:  # measure with the runs' thread count (part of the cache key)
-        torch.set_num_threads(cfg.train.threads)
-    try:
-        return _measure_peak(cfg, device, dtype, cache, force, seconds)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _measure_peak(cfg: Config, device, dtype, cache: Path, force: bool, seconds: float) -> dict:
-    import torch
-
-    from .metrics import measure_peak_flops, peak_flops_key, store_peak_flops, stored_peak_flops
-
-    value = None if force else stored_peak_flops(cache, device, dtype)
-    if value is None:
-        # Best of a few sizes: 1024² under-reports a CPU by ~20% (the training GEMMs, e.g. the
-        # 4096×512×32000 LM head, run faster than that), which would give MFU > 1.
-        sizes = (4096, 8192) if device.type == "cuda" else (1024, 2048, 4096)
-        value = max(measure_peak_flops(device, dtype, size=size, seconds=seconds / len(sizes)) for size in sizes)
-        store_peak_flops(cache, device, dtype, value)
-    return {"key": peak_flops_key(device, dtype), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads(), "peak_flops_per_s": value, "cache": str(cache / "peak_flops.json")}
-
-
-def _cached_peak(cfg: Config) -> dict | None:
-    """measure_peak's answer when it is already cached (no measurement, no lock)."""
-    import torch
-
-    from .data import cache_root
-    from .metrics import peak_flops_key, stored_peak_flops
-
-    device, dtype = training_dtype(cfg)
-    threads = torch.get_num_threads()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    try:
-        value = stored_peak_flops(cache_root(cfg.data), device, dtype)
-        if value is None:
-            return None
-        return {"key": peak_flops_key(device, dtype), "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-                "threads": torch.get_num_threads(), "peak_flops_per_s": value,
-                "cache": str(cache_root(cfg.data) / "peak_flops.json")}
-    finally:
-        torch.set_num_threads(threads)
-
-
 def machine_info() -> dict:
     import torch
 
@@ -315,7 +244,7 @@ def run_bench(recipe: Recipe, lock: str | None = None, log=print) -> dict:
     if recipe.source is not None:
         (recipe.results / "recipe.yaml").write_text(recipe.source.read_text())
     probe = run_config(recipe, recipe.variants[0], recipe.seeds[0])
-    peak = _cached_peak(probe)
+    peak = cached_peak(probe)
     if peak is None:  # measuring is heavy: queue for the lock; reading the cache is not
         with _locked(lock):
             peak = measure_peak(probe)
@@ -468,7 +397,7 @@ def format_results(variants: list[dict], info: dict) -> str:
                  "peak RSS of the run's own process on CPU (includes Python, torch, the data and activations), "
                  "max_memory_allocated on GPU. tokens/s: rate of the median training step (excludes evaluation, "
                  "checkpointing, compilation and load spikes; mean over seeds); MFU = analytic model FLOP/s at that rate (3× forward, "
-                 "`lostlm.metrics`) ÷ the measured peak above.")
+                 "`lostlm.costs`) ÷ the measured peak above.")
     breakdown = [v for v in variants if v.get("aggregate", {}).get("estimate")]
     if breakdown:
         lines += ["", "Memory breakdown (MiB): analytic parts (fp32 weights and grads, fp32 Adam moments, bf16 activations "

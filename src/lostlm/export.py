@@ -73,7 +73,7 @@ def save_dense(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, dty
     from safetensors.torch import save_file
     from transformers import GenerationConfig, LlamaForCausalLM
 
-    from .checkpoint import model_state_for_saving
+    from .weights import state_for_saving
     from .hf import special_token_ids
 
     if dtype not in DTYPES:
@@ -93,7 +93,7 @@ def save_dense(model: nn.Module, out_dir: str | Path, tokenizer: Any = None, dty
                           "this is a bug in lostlm's export, please report it")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in model_state_for_saving(state).items()}
+    tensors = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_for_saving(state).items()}
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     config.save_pretrained(str(out))
     GenerationConfig(**special_token_ids(tokenizer)).save_pretrained(str(out))
