@@ -22,10 +22,10 @@ import torch
 
 from lostlm.configs import load_config
 from lostlm.build import build_model
-from lostlm.metrics import forward_flops_per_token
+from lostlm.costs import forward_flops_per_token
 from lostlm.optim import build_optimizer
 from lostlm.runtime import autocast_context, autocast_dtype
-from lostlm.train import sequence_losses  # TODO(merge): from lostlm.losses import sequence_losses
+from lostlm.losses import sequence_losses
 
 DEVICE = torch.device("cpu")  # the timed steps run on the CPU (the batch is made there)
 
@@ -116,7 +116,7 @@ def main() -> None:
     tokens = args.batch * args.seq
     peak = None
     if args.peak:
-        from lostlm.metrics import measure_peak_flops
+        from lostlm.peak import measure_peak_flops
 
         dtype = training_dtype(built[args.methods[0]][0]) or torch.float32
         peak = max(measure_peak_flops(DEVICE, dtype, size=n, seconds=1.5) for n in (1024, 2048, 4096))

@@ -11,7 +11,7 @@ from lostlm.build import build_model
 from lostlm.configs import METHODS, PRESET_VOCAB, PRESETS, LayerConfig, load_config
 from lostlm.convert import build_layer
 from lostlm.estimate import estimate, estimate_preset, layer_flops_per_token, layer_parameters
-from lostlm.metrics import forward_flops_per_token, linear_flops_per_token, saved_activation_bytes, training_flops_per_step
+from lostlm.costs import forward_flops_per_token, linear_flops_per_token, saved_activation_bytes, training_flops_per_step
 
 M, N, R = 96, 80, 16  # out, in, rank of the one-layer hand counts
 

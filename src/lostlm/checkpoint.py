@@ -29,16 +29,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import LostLMError
+from .runtime import atomic_write_text, fsync_dir
+from .weights import load_strict, state_for_saving, tied_head_names
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # -- flattening arbitrary optimizer state into (tensors, JSON) ------------------------------
@@ -109,19 +105,6 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 # -- save / load ----------------------------------------------------------------------------
 
-def model_state_for_saving(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU copies with tied tensors de-duplicated (safetensors refuses shared storage)."""
-    out, seen = {}, {}
-    for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)) if tensor.numel() else None
-        if key is not None and key in seen:
-            continue  # tied weight: the first name (embed_tokens) carries it
-        if key is not None:
-            seen[key] = name
-        out[name] = tensor.detach().cpu().contiguous()
-    return out
-
-
 def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any],
                     state: dict[str, Any], keep: int = 2) -> Path:
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep``."""
@@ -132,7 +115,7 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file(model_state_for_saving(model_state), str(tmp / MODEL_FILE), metadata={"format": "pt"})
+    save_file(state_for_saving(model_state), str(tmp / MODEL_FILE), metadata={"format": "pt"})
     tensors: dict[str, torch.Tensor] = {}
     optimizer_json = flatten_state(optimizer_state, tensors, "opt")
     tensors.update(rng_tensors())
@@ -141,7 +124,8 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, torch.Tenso
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _atomic_write_text(root / "latest", final.name + "\n")
+    fsync_dir(root)
+    atomic_write_text(root / "latest", final.name + "\n")
     complete = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in complete[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
@@ -191,17 +175,6 @@ def load_optimizer_state(ckpt: Path, state: dict[str, Any]) -> tuple[dict[str, A
 
 def load_weights_into(model: torch.nn.Module, model_state: dict[str, torch.Tensor], source: Path) -> None:
     """Strict load with a one-line error when the checkpoint is from a different model."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in model_state and not _is_tied_alias(model, k)]
-    unexpected = [k for k in model_state if k not in own]
-    mismatched = [k for k in model_state if k in own and own[k].shape != model_state[k].shape]
-    if missing or unexpected or mismatched:
-        detail = (f"missing {missing[:2]}" if missing else f"unexpected {unexpected[:2]}" if unexpected
-                  else f"shape of {mismatched[0]} is {tuple(model_state[mismatched[0]].shape)}, model wants {tuple(own[mismatched[0]].shape)}")
-        raise LostLMError(f"checkpoint {source} does not fit this model ({detail}); "
-                          "it was made with a different model/layer config: use that config, or another train.out_dir")
-    model.load_state_dict(model_state, strict=False)
-
-
-def _is_tied_alias(model: torch.nn.Module, name: str) -> bool:
-    return name == "lm_head.weight" and getattr(getattr(model, "config", None), "tie_embeddings", False)
+    load_strict(model, model_state, f"checkpoint {source}",
+                "it was made with a different model/layer config: use that config, or another train.out_dir",
+                may_be_missing=tied_head_names(model))

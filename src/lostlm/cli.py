@@ -49,7 +49,8 @@ def _train_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 def cmd_train(args: argparse.Namespace) -> int:
     config, overrides = _train_overrides(args)
     cfg = load_config(config, overrides)
-    from .train import Trainer, format_summary
+    from .summary import format_summary
+    from .train import Trainer
 
     trainer = Trainer(cfg)
     if trainer.env.is_main:

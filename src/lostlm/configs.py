@@ -26,9 +26,13 @@ from typing import Any
 
 import yaml
 
+from . import registry
 from .errors import LostLMError
 
-METHODS = ("full", "lowrank", "lowrank-svd", "cola", "sltrain", "lost", "galore")
+# Valid layer.method values: a live view of lostlm.registry, which lostlm.methods fills (configs
+# sits below the methods and layers, so it reads the names from that table instead of importing
+# them; see registry.py for why).
+METHODS = registry.NAMES
 TARGET_DEFAULT = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -64,7 +68,7 @@ class ModelConfig:
     from the SVD of the real pretrained weights. Use the same folder as data.tokenizer."""
 
 
-# hidden / intermediate / heads / layers, DESIGN.md §5; default LOST rank per size.
+# hidden / intermediate / heads / layers (the LLaMA shapes of the GaLore/LOST papers); default LOST rank per size.
 PRESETS: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=256, intermediate_size=688, num_heads=4, num_layers=4, rank=64),
     "9m": dict(hidden_size=128, intermediate_size=352, num_heads=4, num_layers=4, rank=32),

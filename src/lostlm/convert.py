@@ -20,12 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import methods
 from .configs import LayerConfig
 from .errors import LostLMError
-from .layers import LOSTLinear, LowRankLinear, SLTrainLinear
-
-# Methods whose layers are plain nn.Linear (galore trains dense weights with another optimizer).
-DENSE_METHODS = ("full", "galore")
 
 
 @dataclass
@@ -42,32 +39,23 @@ def matches(name: str, patterns: list[str] | tuple[str, ...]) -> bool:
 
 def build_layer(linear: nn.Linear, layer_cfg: LayerConfig, rank: int, generator: torch.Generator | None = None,
                 init_std: float = 0.02) -> nn.Module:
-    """One replacement for ``linear`` according to ``layer_cfg.method``."""
-    weight, bias = linear.weight.data, linear.bias.data if linear.bias is not None else None
-    method = layer_cfg.method
-    if method == "lost":
-        return LOSTLinear(weight, rank, density=layer_cfg.density, gamma=layer_cfg.gamma, activation=layer_cfg.activation,
-                          channel_score=layer_cfg.channel_score, sparse_axis=layer_cfg.sparse_axis,
-                          sparse_init=layer_cfg.sparse_init, svd_window=layer_cfg.svd_window,
-                          svd_dtype=layer_cfg.svd_dtype, bias=bias, generator=generator)
-    if method == "lowrank":
-        return LowRankLinear(weight, rank, init="random", activation="identity", bias=bias, init_std=init_std, generator=generator)
-    if method == "lowrank-svd":
-        return LowRankLinear(weight, rank, init="svd", activation="identity", bias=bias, svd_dtype=layer_cfg.svd_dtype)
-    if method == "cola":
-        return LowRankLinear(weight, rank, init="random", activation="silu", bias=bias, init_std=init_std, generator=generator)
-    if method == "sltrain":
-        return SLTrainLinear(weight, rank, density=layer_cfg.density, bias=bias, init_std=init_std, generator=generator)
-    raise LostLMError(f"layer.method={method!r} has no layer to build; use one of lost, lowrank, lowrank-svd, cola, sltrain, full")
+    """One replacement for ``linear`` according to ``layer_cfg.method`` (its registered builder)."""
+    method = methods.get(layer_cfg.method)
+    if method.dense:
+        raise LostLMError(f"layer.method={method.name!r} keeps dense layers and has no layer to build; use one of "
+                          f"{', '.join(m for m in methods.names() if not methods.get(m).dense)}")
+    return method.build(linear, layer_cfg, rank, generator, init_std)
 
 
 @torch.no_grad()
 def convert_linear_layers(model: nn.Module, layer_cfg: LayerConfig, rank: int, seed: int = 0,
                           init_std: float = 0.02) -> list[ConvertedLayer]:
     """Replace every ``nn.Linear`` whose name matches ``layer_cfg.targets``; returns one entry
-    per replaced layer (works on the meta device too, to build skeletons for loading). Dense methods (full, galore) leave the model untouched. Raises
-    :class:`LostLMError` when no module matches, since that is always a mistake."""
-    if layer_cfg.method in DENSE_METHODS:
+    per replaced layer (works on the meta device too, to build skeletons for loading). Dense
+    methods (full, galore) leave the model untouched. Raises :class:`LostLMError` when no
+    module matches, since that is always a mistake."""
+    method = methods.get(layer_cfg.method)
+    if method.dense:
         return []
     generator = torch.Generator().manual_seed(seed)
     targets = [(name, module) for name, module in model.named_modules()
@@ -79,12 +67,9 @@ def convert_linear_layers(model: nn.Module, layer_cfg: LayerConfig, rank: int, s
     for name, linear in targets:
         replacement = build_layer(linear, layer_cfg, rank, generator, init_std).to(linear.weight.device)
         error = float("nan")  # not mergeable (σ = SiLU), or a meta-device skeleton with no values
-        if not linear.weight.is_meta:
-            try:
-                merged = replacement.merged_weight()
-                error = ((merged - linear.weight).norm() / linear.weight.norm()).item()
-            except LostLMError:
-                pass
+        if not linear.weight.is_meta and method.mergeable(layer_cfg):
+            merged = replacement.merged_weight()
+            error = ((merged - linear.weight).norm() / linear.weight.norm()).item()
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, replacement)

@@ -20,7 +20,7 @@ Memory convention (what the papers call "weights + optimizer states")::
 
 The GaLore paper's full-rank column (60M 0.36G, 130M 0.76G, 350M 2.06G, 1B 7.80G) is
 ``weights + optimizer`` with BF16 weights and BF16 Adam moments (6 bytes per parameter), the
-vocabulary 32000, LLaMA shapes of DESIGN.md §5 and untied embeddings. Its "G" sits between
+vocabulary 32000, LLaMA shapes of the presets (``configs.PRESETS``) and untied embeddings. Its "G" sits between
 GB and GiB: with G = 10⁹ bytes the four come out 0.348/0.805/2.207/8.034 (-3.3 %, +5.9 %,
 +7.1 %, +3.0 %); with G = 2³⁰ bytes 0.324/0.750/2.056/7.483 (-10 %, -1.4 %, -0.2 %, -4.1 %).
 No per-parameter formula fits all four within 5 % (the paper's bytes per parameter range from
@@ -33,9 +33,9 @@ docs/benchmarks.md for the comparison.
 from __future__ import annotations
 
 import argparse
-import math
 from dataclasses import asdict, dataclass
 
+from . import methods
 from .configs import METHODS, PRESET_VOCAB, PRESETS, Config, LayerConfig, ModelConfig
 from .convert import matches
 from .errors import LostLMError
@@ -45,7 +45,7 @@ PAPER_PRESETS = ("60m", "130m", "350m", "1b", "7b")
 
 
 # ---------------------------------------------------------------------------------------------
-# shapes and per-layer counts (mirror lostlm.layers; tests compare them)
+# shapes and per-layer counts (the formulas of lostlm.methods; tests compare them with the layers)
 
 
 def projection_shapes(model: ModelConfig) -> list[tuple[str, int, int]]:
@@ -60,29 +60,12 @@ def projection_shapes(model: ModelConfig) -> list[tuple[str, int, int]]:
 
 def layer_parameters(method: str, m: int, n: int, rank: int, layer: LayerConfig) -> int:
     """Trainable numbers of one m×n projection under ``method`` (no bias: LLaMA has none)."""
-    r = min(rank, m, n)
-    if method in ("full", "galore"):
-        return m * n
-    if method in ("lowrank", "lowrank-svd", "cola"):
-        return r * (m + n)
-    if method == "lost":
-        k = max(1, math.floor(layer.density * (n if layer.sparse_axis == "input" else m)))
-        return r * (m + n) + k * (m if layer.sparse_axis == "input" else n)
-    if method == "sltrain":
-        return r * (m + n) + max(1, math.floor(layer.density * m * n))
-    raise LostLMError(f"layer.method={method!r} is not known; use one of {', '.join(METHODS)}")
+    return methods.get(method).parameters(m, n, rank, layer)
 
 
 def layer_flops_per_token(method: str, m: int, n: int, rank: int, layer: LayerConfig) -> int:
     """Forward FLOPs of one projection for one token (2 per multiply-add), as ``flops_per_token``."""
-    r = min(rank, m, n)
-    if method in ("full", "galore", "sltrain"):
-        return 2 * m * n  # SLTrain multiplies by the rebuilt dense W; the rebuild is per step
-    if method in ("lowrank", "lowrank-svd", "cola"):
-        return 2 * r * (m + n)
-    if method == "lost":
-        return 2 * r * (m + n) + 2 * (layer_parameters(method, m, n, rank, layer) - r * (m + n))
-    raise LostLMError(f"layer.method={method!r} is not known; use one of {', '.join(METHODS)}")
+    return methods.get(method).flops_per_token(m, n, rank, layer)
 
 
 def galore_state_numbers(m: int, n: int, rank: int) -> int:
@@ -161,28 +144,19 @@ def activation_bytes(model: ModelConfig, method: str, rank: int, layer: LayerCon
     * head: final norm, LM-head input, the live logits (c V) and the fp32 log-softmax (4 V).
 
     Parameters and autocast's cached low-precision weight copies are not activations and are
-    not counted. tests/test_estimate.py checks this against ``metrics.saved_activation_bytes``.
+    not counted. tests/test_estimate.py checks this against ``costs.saved_activation_bytes``.
     """
     c = 2 if amp else 4
     d, i, v = model.hidden_size, model.intermediate_size, model.vocab_size
+    spec = methods.get(method)
     per_token = per_batch = 0
     for name, m, n in projection_shapes(model):
-        kind = method if matches(name, layer.targets) and method not in ("full", "galore") else "full"
         if amp and name in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
             per_token += c * n  # autocast's bf16 copy of the fp32 normed input, one per projection
-        r = min(rank, m, n)
-        if kind in ("lowrank", "lowrank-svd") or (kind == "lost" and layer.activation == "identity"):
-            per_token += c * r
-        elif kind in ("cola", "lost"):
-            per_token += 2 * c * r
-        if kind == "lost" and layer.sparse_axis == "input":
-            k = max(1, math.floor(layer.density * n))
-            per_token += c * k
-            per_batch += c * m * (r + k)  # the mixed weight [γB ; (1-γ)W_sᵀ] of the single output GEMM
-        elif kind == "lost":
-            per_batch += c * m * r  # γB
-        if kind == "sltrain":
-            per_batch += c * m * n
+        if matches(name, layer.targets):
+            token_bytes, batch_bytes = spec.activation_bytes(m, n, rank, layer, c)
+            per_token += token_bytes
+            per_batch += batch_bytes
     norm = (2 if amp else 3) * 4 * d  # fp32 input and normalised output (+ gain-scaled output in fp32)
     per_token += 2 * norm + 4 * c * d + 4 * c * i  # norms, attention q/k/v/out, SwiGLU gate/up/silu/product
     head = norm + (c * d if amp else 0) + c * v + 4 * v
@@ -202,23 +176,25 @@ def estimate(cfg: Config, vocab_size: int | None = None, *, dtype: str = "bf16",
     d, v, layers = model.hidden_size, model.vocab_size, model.num_layers
     embed_head = v * d * (1 if model.tie_embeddings else 2)
     norms = (2 * layers + 1) * d
-    linear = flops = optimizer_numbers = 0
+    spec, dense = methods.get(method), methods.get("full")
+    linear = flops = optimizer_numbers = rebuild = 0
     for name, m, n in projection_shapes(model):
         targeted = matches(name, layer.targets)
-        kind = method if targeted else "full"
-        linear += layer_parameters(kind, m, n, rank, layer) * layers
-        flops += layer_flops_per_token(kind, m, n, rank, layer) * layers
-        if method == "galore" and targeted:
+        kind = spec if targeted else dense
+        params = kind.parameters(m, n, rank, layer)
+        linear += params * layers
+        flops += kind.flops_per_token(m, n, rank, layer) * layers
+        if targeted and kind.rebuild_flops is not None:
+            rebuild += kind.rebuild_flops(m, n, rank, layer) * layers
+        if targeted and kind.optimizer == "galore":
             optimizer_numbers += galore_state_numbers(m, n, g_rank) * layers
         else:
-            optimizer_numbers += 2 * layer_parameters(kind, m, n, rank, layer) * layers
+            optimizer_numbers += 2 * params * layers
     optimizer_numbers += 2 * (embed_head + norms)
     total = embed_head + linear + norms
-    flops += 2 * d * v + 2 * 2 * layers * seq_len * d  # LM head + attention scores (metrics convention)
-    train_flops = 3.0 * flops
-    if method == "sltrain":  # W = A B rebuilt once per forward: 3 × 2 r m n per micro-batch
-        rebuild = sum(2 * min(rank, m, n) * m * n for name, m, n in projection_shapes(model) if matches(name, layer.targets))
-        train_flops += 3.0 * rebuild * layers / (micro_batch * seq_len)
+    flops += 2 * d * v + 2 * 2 * layers * seq_len * d  # LM head + attention scores (the convention of lostlm.costs)
+    # Work done once per forward (SLTrain rebuilds W = A B + S), shared by the micro-batch's tokens.
+    train_flops = 3.0 * flops + 3.0 * rebuild / (micro_batch * seq_len)
     b = DTYPE_BYTES[dtype]
     return Estimate(method=method, preset=cfg.model.preset, dtype=dtype, params_total=total, params_trainable=total,
                     params_embedding_head=embed_head, params_linear=linear, params_other=norms,

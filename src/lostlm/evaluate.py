@@ -13,15 +13,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-
-def token_losses(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence (sum of token losses, token count), cross-entropy in float32; -100 is ignored."""
-    per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none", ignore_index=-100)
-    mask = (targets != -100).float()
-    return (per_token.view_as(mask) * mask).sum(1), mask.sum(1)
+from .losses import token_losses
+from .runtime import autocast_context, autocast_dtype, resolve_device
 
 
 @torch.no_grad()
@@ -45,18 +40,26 @@ def evaluate_loss(model: nn.Module, batches: Iterable[torch.Tensor], device: tor
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_tokens": int(totals[1].item())}
 
 
+def unigram_perplexity(batches: Iterable[torch.Tensor], vocab_size: int) -> float:
+    """Perplexity of the best unigram model *fitted on the validation targets themselves*:
+    a floor no context-free predictor can beat, to show the model learned context."""
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for batch in batches:
+        counts += torch.bincount(batch[:, 1:].flatten(), minlength=vocab_size).double()
+    p = counts[counts > 0] / counts.sum()
+    return math.exp(-(p * p.log()).sum().item())
+
+
 def evaluate_checkpoint(path: Path, overrides: list[str] | None = None) -> dict:
     """``lostlm eval``: rebuild a run's model and data and evaluate its checkpoint."""
     from .data import build_data
     from .loading import load_trained_run
-    from .train import autocast_dtype, DistEnv, resolve_device
 
     run = load_trained_run(path, overrides)
-    device = resolve_device(run.config, DistEnv())
-    amp = autocast_dtype(run.config, device)
+    device = resolve_device(run.config.train.device)
+    amp = autocast_dtype(run.config.train.precision, device)
     data = build_data(run.config.data, run.config.train.seed)
     model = run.model.to(device)
-    ctx = (lambda: torch.autocast(device.type, dtype=amp)) if amp else contextlib.nullcontext
     batch = run.config.train.micro_batch_size or run.config.train.batch_size
-    result = evaluate_loss(model, data.val_batches(batch), device, ctx)
+    result = evaluate_loss(model, data.val_batches(batch), device, autocast_context(device, amp))
     return {"checkpoint": str(run.checkpoint), "step": run.step, "method": run.config.layer.method, **result}

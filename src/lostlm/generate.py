@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .errors import LostLMError
+from .runtime import device_kind
 
 
 def load_for_generation(path: str | Path, device: str = "cpu") -> tuple[Any, Any, str]:
@@ -90,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device
+    device = device_kind(args.device)
     if device == "cuda" and not torch.cuda.is_available():
         raise LostLMError("--device cuda but no CUDA device is available; use --device cpu")
     model, tokenizer, description = load_for_generation(args.path, device)

@@ -2,8 +2,8 @@
 
 * AdamW (β = 0.9/0.95) for every method; weight decay only on matrices (norm gains and other
   vectors are not decayed).
-* ``layer.method = galore``: the targeted projections stay dense and are trained with
-  ``galore_torch.GaLoreAdamW`` (gradient projected to rank ``layer.galore_rank``, projection
+* Methods whose registry entry asks for ``optimizer="galore"`` (``layer.method = galore``):
+  the targeted projections stay dense and are trained with ``galore_torch.GaLoreAdamW`` (gradient projected to rank ``layer.galore_rank``, projection
   refreshed every ``layer.galore_update_gap`` steps); everything else with plain Adam inside
   the same optimizer, as in the GaLore paper.
 * Schedule: linear warmup from 0 to the peak, then cosine decay to ``min_lr_ratio`` × peak.
@@ -17,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from . import methods
 from .configs import Config
 from .convert import matches
 
@@ -40,14 +41,16 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+def _adamw(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
-    betas = (t.beta1, t.beta2)
-    if cfg.layer.method != "galore":
-        fused = next(model.parameters()).device.type == "cuda"
-        return torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=betas, fused=fused or None)
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=fused or None)
+
+
+def _galore(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     from galore_torch import GaLoreAdamW
 
+    t = cfg.train
     galore_ids = set()
     galore_params = []
     for name, module in model.named_modules():
@@ -59,4 +62,13 @@ def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
         group["params"] = [p for p in group["params"] if id(p) not in galore_ids]
     groups.append({"params": galore_params, "weight_decay": t.weight_decay, "rank": cfg.layer.galore_rank,
                    "update_proj_gap": cfg.layer.galore_update_gap, "scale": cfg.layer.galore_scale, "proj_type": "std"})
-    return GaLoreAdamW(groups, lr=t.lr, betas=betas, eps=1e-8, no_deprecation_warning=True)
+    return GaLoreAdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8, no_deprecation_warning=True)
+
+
+# The optimizers a registered method may ask for (``Method.optimizer``).
+OPTIMIZERS = {"adamw": _adamw, "galore": _galore}
+
+
+def build_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """The optimizer ``layer.method`` asks for (its registry entry's ``optimizer``)."""
+    return OPTIMIZERS[methods.get(cfg.layer.method).optimizer](model, cfg)

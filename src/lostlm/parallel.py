@@ -1,6 +1,7 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) for the trainer: sharding, full state dicts.
 
-Used by :class:`lostlm.train.Trainer` when ``train.parallel=fsdp`` (DDP needs nothing here).
+Used by :class:`lostlm.train.Trainer` through :func:`wrap_for_training` (DDP or FSDP2, then
+``torch.compile``) and, when ``train.parallel=fsdp``, for state dicts and evaluation.
 The model code knows nothing about this; the order the trainer follows is::
 
     build_model (SVD init, same seed on every rank)  ->  load a checkpoint's full weights
@@ -25,6 +26,7 @@ cannot reshape a 0-row batch).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 
 import torch
@@ -35,12 +37,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from .errors import LostLMError
 from .model import DecoderLayer
+from .runtime import DistEnv, is_distributed
 
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 @torch.no_grad()
@@ -54,6 +53,27 @@ def broadcast_module_states(model: nn.Module) -> None:
     """
     for tensor in [*model.parameters(), *model.buffers()]:
         dist.broadcast(tensor.data, src=0)
+
+
+def wrap_for_training(model: nn.Module, env: DistEnv, device: torch.device, parallel: str, compile: bool) -> nn.Module:
+    """The module the trainer runs: ``model`` under DDP or FSDP2 (``parallel``) when there are
+    several processes, then ``torch.compile``d if asked. FSDP2 shards ``model`` in place."""
+    if env.world_size > 1:
+        if parallel == "fsdp":
+            model = apply_fsdp(model, device)
+        else:
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [device.index] if device.type == "cuda" else None
+            # Our buffers (RoPE tables, LOST channel indices) never change: no sync before every
+            # forward. torch >= 2.13 still syncs them once at construction; older torch
+            # (broadcast_buffers=False) does not, which is harmless: every rank builds the same
+            # buffers from the same seed, or loads them from the same checkpoint.
+            params = inspect.signature(DistributedDataParallel).parameters
+            no_resync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+            model = DistributedDataParallel(model, device_ids=ids, **no_resync)
+    if compile:
+        model = torch.compile(model)
+    return model
 
 
 def apply_fsdp(model: nn.Module, device: torch.device) -> nn.Module:
@@ -75,7 +95,7 @@ def gathered_state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     """Full, unsharded CPU (model, optimizer) state dicts on rank 0; empty dicts on the other
     ranks. Collective: every rank must call it. The optimizer state is keyed by parameter name
     (``model.layers.0.mlp.up_proj.lowrank_down``), not by position."""
-    if not _distributed():  # one process: same format without the gathering
+    if not is_distributed():  # one process: same format without the gathering
         options = StateDictOptions(full_state_dict=True)
         return ({k: v.detach().cpu() for k, v in get_model_state_dict(model, options=options).items()},
                 get_optimizer_state_dict(model, optimizer, options=options))
@@ -96,7 +116,7 @@ def even_batches(batches: Iterable[torch.Tensor], device: torch.device) -> list[
     rank has fewer sequences than another rank has batches (a tiny validation set)."""
     batches = list(batches)
     count = torch.tensor([len(batches)], dtype=torch.int64, device=device)  # NCCL reduces GPU tensors only
-    if _distributed():
+    if is_distributed():
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
     while len(batches) < count.item():
         largest = max(range(len(batches)), key=lambda i: len(batches[i]), default=None)

@@ -1,4 +1,4 @@
-"""Loss-based sample reweighting (Sow et al., ICLR 2025), DESIGN.md §3.
+"""Loss-based sample reweighting (Sow et al., ICLR 2025), ``reweight.*`` in the config.
 
 Per micro-batch, every sequence i of the *global* batch (all data-parallel ranks) has a
 detached mean token loss ℓ_i. With δ > 0::

@@ -10,7 +10,7 @@ The package, low to high (each module imports only those above it):
 
 - :mod:`.recipe` — parse and check a recipe YAML (see its docstring for the format); each
   variant × seed's folder and config.
-- :mod:`.peak_cache` — the measured matmul rate (MFU denominator), cached in the data cache.
+- the measured matmul rate (MFU denominator) comes from :mod:`lostlm.peak`, cached in the data cache.
 - :mod:`.report` — collect the finished runs, aggregate over seeds, write ``results.md``,
   ``results.json`` and the PNGs (through :func:`lostlm.plots.plot_bench`).
 - :mod:`.runner` — the lock, one ``lostlm train`` subprocess per run, resume by skipping runs
@@ -22,11 +22,11 @@ Every variant × seed is one ``Trainer(cfg).train()`` in its own folder
 every method. Outputs in the results folder: ``results.md`` (the table), ``results.json``
 (every run's summary plus the aggregates), ``loss_vs_tokens.png``, ``loss_vs_time.png``,
 ``ppl_vs_memory.png``. MFU is against ``lostlm bench --peak`` (the measured bf16/fp32 matmul
-rate of this machine, cached), model FLOPs from the analytic counter in :mod:`lostlm.metrics`.
+rate of this machine, cached), model FLOPs from the analytic counter in :mod:`lostlm.costs`.
 """
 
+from ..peak import measure_peak, training_dtype
 from .command import cmd_bench, register
-from .peak_cache import measure_peak, training_dtype  # TODO(merge): re-export from lostlm.peak, or drop
 from .recipe import RESULTS_ROOT, Recipe, Variant, load_recipe, run_config, run_dir
 from .report import collect, format_results, machine_info, write_report
 from .runner import run_bench

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..configs import load_config
 from ..errors import LostLMError
-from .peak_cache import measure_peak  # TODO(merge): use lostlm.peak
+from ..peak import measure_peak
 from .recipe import load_recipe, run_config, run_dir
 from .report import write_report
 from .runner import _locked, run_bench

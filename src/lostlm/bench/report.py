@@ -148,7 +148,7 @@ TABLE_NOTE = ("Validation perplexity is token-weighted over the whole held-out s
               "peak RSS of the run's own process on CPU (includes Python, torch, the data and activations), "
               "max_memory_allocated on GPU. tokens/s: rate of the median training step (excludes evaluation, "
               "checkpointing, compilation and load spikes; mean over seeds); MFU = analytic model FLOP/s at that rate (3× forward, "
-              "`lostlm.metrics`) ÷ the measured peak above.")
+              "`lostlm.costs`) ÷ the measured peak above.")
 
 BREAKDOWN_NOTE = ("Memory breakdown (MiB): analytic parts (fp32 weights and grads, fp32 Adam moments, bf16 activations "
                   "saved for backward over one micro-batch) next to the measured peak; the rest is the Python/torch "

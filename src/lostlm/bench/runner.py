@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..configs import Config, save_config
 from ..errors import LostLMError
-from .peak_cache import _cached_peak, measure_peak  # TODO(merge): use lostlm.peak
+from ..peak import cached_peak, measure_peak
 from .recipe import Recipe, run_config, run_dir
 from .report import write_report
 
@@ -71,7 +71,7 @@ def _run_one(cfg: Config, folder: Path, isolate: bool) -> tuple[bool, str]:
 def _bench_peak(recipe: Recipe, lock: str | None) -> dict:
     """The cached peak rate for the recipe's device and dtype, measured (under the lock) if missing."""
     probe = run_config(recipe, recipe.variants[0], recipe.seeds[0])
-    peak = _cached_peak(probe)
+    peak = cached_peak(probe)
     if peak is None:  # measuring is heavy: queue for the lock; reading the cache is not
         with _locked(lock):
             peak = measure_peak(probe)
