@@ -10,7 +10,8 @@ from torch import nn
 
 from lostlm import methods
 from lostlm.configs import METHODS, LayerConfig, load_config
-from lostlm.convert import build_layer, build_model
+from lostlm.build import build_model
+from lostlm.convert import build_layer
 from lostlm.errors import LostLMError
 from lostlm.estimate import estimate
 from lostlm.train import Trainer
