@@ -52,13 +52,14 @@ def build_layer(linear: nn.Linear, layer_cfg: LayerConfig, rank: int, generator:
                           sparse_init=layer_cfg.sparse_init, svd_window=layer_cfg.svd_window,
                           svd_dtype=layer_cfg.svd_dtype, bias=bias, generator=generator)
     if method == "lowrank":
-        return LowRankLinear(weight, rank, init="random", activation="identity", bias=bias, init_std=init_std, generator=generator)
+        return LowRankLinear(weight, rank, activation="identity", bias=bias, generator=generator)  # authors' init (layers.py)
     if method == "lowrank-svd":
         return LowRankLinear(weight, rank, init="svd", activation="identity", bias=bias, svd_dtype=layer_cfg.svd_dtype)
     if method == "cola":
-        return LowRankLinear(weight, rank, init="random", activation="silu", bias=bias, init_std=init_std, generator=generator)
+        return LowRankLinear(weight, rank, activation="silu", bias=bias, generator=generator)  # CoLA's init (layers.py)
     if method == "sltrain":
-        return SLTrainLinear(weight, rank, density=layer_cfg.density, bias=bias, init_std=init_std, generator=generator)
+        return SLTrainLinear(weight, rank, density=layer_cfg.density, alpha=getattr(layer_cfg, "sltrain_alpha", 32.0),
+                             bias=bias, generator=generator)
     raise LostLMError(f"layer.method={method!r} has no layer to build; use one of lost, lowrank, lowrank-svd, cola, sltrain, full")
 
 
