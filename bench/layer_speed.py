@@ -13,8 +13,8 @@ gradients are dropped before every call (no accumulation add).
 Methods: ``dense`` (nn.Linear), ``cola`` (LowRankLinear, σ = SiLU), ``lowrank`` (LowRankLinear,
 σ = identity), ``lost`` (LOSTLinear as it is now) and ``lost-concat`` (the previous LOST
 forward: torch.cat of [σ(xA), x_I] and of the weights, one F.linear, plain autograd — kept
-here only for this comparison) and ``lost-indexadd`` (the current layer with x's gradient as
-a GEMM over A plus an in-place index_add_ of the k columns, instead of one GEMM over [A; E_I]). ``--profile`` adds torch.profiler tables of ``lost`` and
+here only for this comparison) and ``lost-onegemm`` (the current layer with x's gradient from
+one GEMM over [A; E_I] instead of a GEMM over A plus an in-place index_add_ of k columns). ``--profile`` adds torch.profiler tables of ``lost`` and
 ``cola`` at the first preset's shapes.
 
 Writes bench/results/layer-speed-<tag>.json and .md (and -profile.txt with --profile), with
@@ -39,7 +39,7 @@ from torch import nn
 from lostlm.configs import PRESETS
 from lostlm.layers import LOSTLinear, LowRankLinear, _LOSTInputChannels
 
-METHODS = ("dense", "cola", "lowrank", "lost", "lost-indexadd", "lost-concat")
+METHODS = ("dense", "cola", "lowrank", "lost", "lost-onegemm", "lost-concat")
 # How many of each projection a LLaMA block has: q, k, v, o (d→d); gate, up (d→ffn); down (ffn→d).
 BLOCK_COUNTS = {"attn": 4, "up": 2, "down": 1}
 
@@ -58,16 +58,16 @@ class LostConcat(LOSTLinear):
     forward = lost_concat_forward
 
 
-class LostIndexAdd(LOSTLinear):
-    """The current LOST layer with x's gradient as g_pre·A then an in-place index_add_ of the k
-    gathered columns' gradient, instead of one GEMM over [A; E_I]."""
+class LostOneGemm(LOSTLinear):
+    """The current LOST layer with x's gradient from ONE GEMM over [A; E_I] (E_I the one-hot
+    selection of the k kept channels) instead of g_pre·A plus an in-place index_add_."""
 
     def forward(self, x):
-        _LOSTInputChannels.grad_x_one_gemm = False
+        _LOSTInputChannels.grad_x_one_gemm = True  # read at forward time, kept for the backward
         try:
             return super().forward(x)
         finally:
-            _LOSTInputChannels.grad_x_one_gemm = True
+            _LOSTInputChannels.grad_x_one_gemm = False
 
 
 def build(method: str, out_features: int, in_features: int, rank: int, density: float, seed: int) -> nn.Module:
@@ -84,8 +84,8 @@ def build(method: str, out_features: int, in_features: int, rank: int, density: 
         return LowRankLinear(w0, rank, init="random", activation="identity", generator=g)
     if method == "lost":
         return LOSTLinear(w0, rank, density=density)
-    if method == "lost-indexadd":
-        return LostIndexAdd(w0, rank, density=density)
+    if method == "lost-onegemm":
+        return LostOneGemm(w0, rank, density=density)
     if method == "lost-concat":
         return LostConcat(w0, rank, density=density)
     raise ValueError(method)

@@ -240,14 +240,18 @@ class _LOSTInputChannels(torch.autograd.Function):
               y = z Wᵀ with W = [γ B, (1-γ) W_s] (m×(r+k)): one GEMM over the inner dim r+k.
     backward  g_z = g_y W (one GEMM);  g_W = g_yᵀ z (one GEMM, split into g_B and g_{W_s});
               σ'(pre) applied in place on g_z[:, :r];  g_A = g_preᵀ x;
-              g_x = g_z · [A; E_I]: ONE GEMM over [A; E_I], where E_I (k×n) is the one-hot
-              selection of the kept channels, so x's gradient has no scatter into a zero b×n
-              buffer and no add of two b×n gradients. E_I·x is exact in any dtype (one nonzero
-              per row, accumulated in fp32), so this is the same function of x and the
-              parameters as the plain formulation; only the floating-point order differs.
+              g_x = g_pre A with g_{x_I} added in place into its k columns (``index_add_``),
+              or (``grad_x_one_gemm``) g_x = g_z · [A; E_I], ONE GEMM over A with the one-hot
+              selection E_I (k×n) of the kept channels appended. Either way x's gradient has no
+              zero-filled b×n buffer, no scatter into it and no add of two b×n gradients.
+              Same function of x and the parameters as the plain formulation; only the
+              floating-point summation order differs (tests/test_layers.py).
     """
 
-    grad_x_one_gemm = True  # False: g_x = g_pre A, then index_add_ of g_{x_I} (bench/layer_speed.py compares)
+    # True: g_x = g_z·[A; E_I] (one GEMM, k/r more FLOPs on it); False (default, faster in
+    # bench/results/layer-speed-*): g_x = g_pre·A, then an in-place index_add_ of g_{x_I} into
+    # its k columns (b·k adds, no zero-filled b×n buffer, no second b×n tensor, no b×n add).
+    grad_x_one_gemm = False
 
     @staticmethod
     def forward(ctx, x, down, up, sparse, bias, index, gamma, silu):
