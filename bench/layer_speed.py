@@ -14,7 +14,8 @@ Methods: ``dense`` (nn.Linear), ``cola`` (LowRankLinear, σ = SiLU), ``lowrank``
 σ = identity), ``lost`` (LOSTLinear as it is now) and ``lost-concat`` (the previous LOST
 forward: torch.cat of [σ(xA), x_I] and of the weights, one F.linear, plain autograd — kept
 here only for this comparison) and ``lost-onegemm`` (the current layer with x's gradient from
-one GEMM over [A; E_I] instead of a GEMM over A plus an in-place index_add_ of k columns). ``--profile`` adds torch.profiler tables of ``lost`` and
+one GEMM over [A; E_I] instead of a GEMM over A plus an in-place index_add_ of k columns),
+``lost-pad16`` (the current layer with r+k padded to a multiple of 16). ``--profile`` adds torch.profiler tables of ``lost`` and
 ``cola`` at the first preset's shapes.
 
 Writes bench/results/layer-speed-<tag>.json and .md (and -profile.txt with --profile), with
@@ -39,7 +40,7 @@ from torch import nn
 from lostlm.configs import PRESETS
 from lostlm.layers import LOSTLinear, LowRankLinear, _LOSTInputChannels
 
-METHODS = ("dense", "cola", "lowrank", "lost", "lost-onegemm", "lost-concat")
+METHODS = ("dense", "cola", "lowrank", "lost", "lost-pad16", "lost-onegemm", "lost-concat")
 # How many of each projection a LLaMA block has: q, k, v, o (d→d); gate, up (d→ffn); down (ffn→d).
 BLOCK_COUNTS = {"attn": 4, "up": 2, "down": 1}
 
@@ -70,6 +71,17 @@ class LostOneGemm(LOSTLinear):
             _LOSTInputChannels.grad_x_one_gemm = False
 
 
+class LostPad16(LOSTLinear):
+    """The current LOST layer with the inner width r+k padded by zero columns to a multiple of 16."""
+
+    def forward(self, x):
+        _LOSTInputChannels.pad_to = 16
+        try:
+            return super().forward(x)
+        finally:
+            _LOSTInputChannels.pad_to = 1
+
+
 def build(method: str, out_features: int, in_features: int, rank: int, density: float, seed: int) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     w0 = torch.randn(out_features, in_features, generator=g) * 0.02
@@ -84,6 +96,8 @@ def build(method: str, out_features: int, in_features: int, rank: int, density: 
         return LowRankLinear(w0, rank, init="random", activation="identity", generator=g)
     if method == "lost":
         return LOSTLinear(w0, rank, density=density)
+    if method == "lost-pad16":
+        return LostPad16(w0, rank, density=density)
     if method == "lost-onegemm":
         return LostOneGemm(w0, rank, density=density)
     if method == "lost-concat":

@@ -175,11 +175,12 @@ def _generic_lost(dtype, activation, with_bias, density=0.1):
 
 @pytest.mark.parametrize("activation", ["silu", "identity"])
 @pytest.mark.parametrize("with_bias", [False, True])
-@pytest.mark.parametrize("one_gemm", [True, False])
-def test_lost_function_gradcheck_float64(activation, with_bias, one_gemm, monkeypatch):
+@pytest.mark.parametrize("one_gemm,pad_to", [(False, 16), (True, 16), (False, 1), (True, 1)])
+def test_lost_function_gradcheck_float64(activation, with_bias, one_gemm, pad_to, monkeypatch):
     from lostlm.layers import _LOSTInputChannels
 
     monkeypatch.setattr(_LOSTInputChannels, "grad_x_one_gemm", one_gemm)
+    monkeypatch.setattr(_LOSTInputChannels, "pad_to", pad_to)
     layer = _generic_lost(torch.float64, activation, with_bias)
     x = torch.randn(2, 3, N, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
     params = list(layer.parameters())

@@ -252,31 +252,43 @@ class _LOSTInputChannels(torch.autograd.Function):
     # bench/results/layer-speed-*): g_x = g_pre·A, then an in-place index_add_ of g_{x_I} into
     # its k columns (b·k adds, no zero-filled b×n buffer, no second b×n tensor, no b×n add).
     grad_x_one_gemm = False
+    # The inner width r+k of the stacked GEMMs is padded with zero columns up to a multiple of
+    # this (1, the default: no padding). Odd widths such as 143 may be slow in some BLAS
+    # kernels; bench/layer_speed.py's lost-pad16 measures it (not yet measured on a quiet machine).
+    pad_to = 1
 
     @staticmethod
     def forward(ctx, x, down, up, sparse, bias, index, gamma, silu):
         dtype = x.dtype
         rank, k = down.shape[0], index.numel()
+        pad_to = max(1, _LOSTInputChannels.pad_to)
+        pad = (-(rank + k)) % pad_to
         down_c = down.to(dtype)
-        weight = torch.cat([up.to(dtype) * gamma, sparse.to(dtype) * (1.0 - gamma)], dim=1)
-        z = x.new_empty(x.shape[0], rank + k)
+        parts = [up.to(dtype) * gamma, sparse.to(dtype) * (1.0 - gamma)]
+        if pad:
+            parts.append(up.new_zeros(up.shape[0], pad, dtype=dtype))
+        weight = torch.cat(parts, dim=1)  # m×(r+k+pad)
+        z = x.new_empty(x.shape[0], rank + k + pad)
+        if pad:
+            z[:, rank + k:].zero_()
         if silu:
             pre = torch.mm(x, down_c.t())
             torch.ops.aten.silu.out(pre, out=z[:, :rank])
         else:
             pre = None
             torch.mm(x, down_c.t(), out=z[:, :rank])
-        torch.index_select(x, 1, index, out=z[:, rank:])
+        torch.index_select(x, 1, index, out=z[:, rank:rank + k])
         y = torch.mm(z, weight.t()) if bias is None else torch.addmm(bias.to(dtype), z, weight.t())
         ctx.save_for_backward(x, pre, z, down_c, weight, index)
-        ctx.gamma, ctx.silu, ctx.rank, ctx.one_gemm = gamma, silu, rank, _LOSTInputChannels.grad_x_one_gemm
+        ctx.gamma, ctx.silu, ctx.rank, ctx.k, ctx.pad = gamma, silu, rank, k, pad
+        ctx.one_gemm = _LOSTInputChannels.grad_x_one_gemm
         ctx.param_dtypes = (down.dtype, up.dtype, sparse.dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, pre, z, down_c, weight, index = ctx.saved_tensors
-        gamma, rank = ctx.gamma, ctx.rank
+        gamma, rank, k = ctx.gamma, ctx.rank, ctx.k
         down_dt, up_dt, sparse_dt, bias_dt = ctx.param_dtypes
         need_x, need_down, need_up, need_sparse, need_bias = ctx.needs_input_grad[:5]
         grad_x = grad_down = grad_up = grad_sparse = grad_bias = None
@@ -287,7 +299,7 @@ class _LOSTInputChannels(torch.autograd.Function):
                 if need_up:
                     grad_up = grad_w[:, :rank].to(up_dt).mul_(gamma)
                 if need_sparse:
-                    grad_sparse = grad_w[:, rank:].to(sparse_dt).mul_(1.0 - gamma)
+                    grad_sparse = grad_w[:, rank:rank + k].to(sparse_dt).mul_(1.0 - gamma)
             if need_bias:
                 grad_bias = grad_y.sum(0).to(bias_dt)
             if need_x or need_down:
@@ -298,11 +310,11 @@ class _LOSTInputChannels(torch.autograd.Function):
                 if need_down:
                     grad_down = torch.mm(grad_pre.t(), x).to(down_dt)
                 if need_x and ctx.one_gemm:
-                    selection = torch.zeros(index.numel(), x.shape[1], dtype=x.dtype, device=x.device)
-                    selection[torch.arange(index.numel(), device=x.device), index] = 1
+                    selection = torch.zeros(k + ctx.pad, x.shape[1], dtype=x.dtype, device=x.device)
+                    selection[torch.arange(k, device=x.device), index] = 1
                     grad_x = torch.mm(grad_z, torch.cat([down_c, selection], dim=0))  # g_z · [A; E_I]
                 elif need_x:  # measured alternative: GEMM over A, then add the k columns in place
-                    grad_x = torch.mm(grad_pre, down_c).index_add_(1, index, grad_z[:, rank:])
+                    grad_x = torch.mm(grad_pre, down_c).index_add_(1, index, grad_z[:, rank:rank + k])
         return grad_x, grad_down, grad_up, grad_sparse, grad_bias, None, None, None
 
 
