@@ -149,3 +149,81 @@ def test_bias_is_kept(w0, x):
     for layer in (LOSTLinear(w0, R, bias=bias, activation="identity"), LowRankLinear(w0, R, init="svd", bias=bias),
                   SLTrainLinear(w0, R, bias=bias)):
         assert torch.allclose(layer(x), x @ layer.merged_weight().T + bias, atol=1e-5)
+
+
+# ---- the LOST autograd function against the plain formulation ----------------------------------
+
+def plain_lost(x, layer):
+    """γ σ(x A) B + (1-γ) x[:, I] W_sᵀ (+ bias) with plain autograd ops, from the layer's parameters."""
+    act = F.silu if layer.activation == "silu" else (lambda t: t)
+    y = layer.gamma * act(x @ layer.lowrank_down.T) @ layer.lowrank_up.T \
+        + (1.0 - layer.gamma) * x[..., layer.channel_index] @ layer.sparse_weight.T
+    return y if layer.bias is None else y + layer.bias
+
+
+def _generic_lost(dtype, activation, with_bias, density=0.1):
+    g = torch.Generator().manual_seed(7)
+    w0 = (torch.randn(M, N, generator=g) * 0.02).to(dtype)
+    bias = torch.randn(M, generator=g).to(dtype) if with_bias else None
+    layer = LOSTLinear(w0, R, density=density, gamma=0.3, activation=activation, bias=bias)
+    with torch.no_grad():  # generic parameters, not just the SVD init
+        for p in layer.parameters():
+            p.add_(torch.randn(p.shape, generator=g).to(dtype) * 0.05)
+    return layer
+
+
+@pytest.mark.parametrize("activation", ["silu", "identity"])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("one_gemm,pad_to", [(False, 16), (True, 16), (False, 1), (True, 1)])
+def test_lost_function_gradcheck_float64(activation, with_bias, one_gemm, pad_to, monkeypatch):
+    from lostlm.layers import _LOSTInputChannels
+
+    monkeypatch.setattr(_LOSTInputChannels, "grad_x_one_gemm", one_gemm)
+    monkeypatch.setattr(_LOSTInputChannels, "pad_to", pad_to)
+    layer = _generic_lost(torch.float64, activation, with_bias)
+    x = torch.randn(2, 3, N, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    params = list(layer.parameters())
+    assert torch.autograd.gradcheck(lambda x, *ps: layer(x), [x, *params])
+    # and the same gradients as the plain formulation, to float64 rounding
+    names = [n for n, _ in layer.named_parameters()]
+    got = torch.autograd.grad(layer(x).square().sum(), [x, *params])
+    want = torch.autograd.grad(plain_lost(x, layer).square().sum(), [x, *params])
+    for name, a, b in zip(["x", *names], got, want):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), name
+
+
+@pytest.mark.parametrize("activation", ["silu", "identity"])
+def test_lost_function_matches_plain_formulation_fp32(activation):
+    layer = _generic_lost(torch.float32, activation, with_bias=True, density=0.25)
+    x = torch.randn(4, 6, N, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    gy = torch.randn(4, 6, M, generator=torch.Generator().manual_seed(4))
+    params = list(layer.parameters())
+    y = layer(x)
+    assert torch.allclose(y, plain_lost(x, layer), rtol=1e-5, atol=1e-6)
+    got = torch.autograd.grad(y, [x, *params], gy)
+    want = torch.autograd.grad(plain_lost(x, layer), [x, *params], gy)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype == torch.float32
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_lost_function_under_bf16_autocast():
+    layer = _generic_lost(torch.float32, "silu", with_bias=False, density=0.25)
+    x = torch.randn(64, N, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and all(p.grad.dtype == torch.float32 for p in layer.parameters())
+    ref_x = x.detach().clone().requires_grad_(True)
+    ref = plain_lost(ref_x, layer)
+    assert torch.allclose(y.float(), ref, rtol=0.05, atol=0.02 * ref.abs().max().item())
+    ref.square().sum().backward()
+    assert torch.allclose(x.grad, ref_x.grad, rtol=0.05, atol=0.03 * ref_x.grad.abs().max().item())
+
+
+def test_lost_state_dict_names_and_shapes_are_unchanged(w0):
+    layer = LOSTLinear(w0, R, density=0.1)
+    k = math.floor(0.1 * N)
+    assert {k_: tuple(v.shape) for k_, v in layer.state_dict().items()} == {
+        "lowrank_down": (R, N), "lowrank_up": (M, R), "sparse_weight": (M, k), "channel_index": (k,)}

@@ -114,6 +114,8 @@ class LayerConfig:
     K after the top r (the authors' code uses 256)."""
     svd_dtype: str = "float32"
     """Precision of the initialisation SVD: float32 or float64."""
+    sltrain_alpha: float = 32.0
+    """SLTrain: the low-rank term is scaled by α/r (its recipes: 32 at 60M, 16 at 130M/350M, 8 at 1B/7B)."""
     galore_rank: int = 128
     """GaLore: rank of the gradient projection."""
     galore_update_gap: int = 200

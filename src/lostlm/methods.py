@@ -173,8 +173,7 @@ def _build_lost(linear: nn.Linear, layer: LayerConfig, rank: int, generator, ini
 
 
 def _build_lowrank(linear: nn.Linear, layer: LayerConfig, rank: int, generator, init_std: float) -> nn.Module:
-    return LowRankLinear(linear.weight.data, rank, init="random", activation="identity", bias=_bias(linear),
-                         init_std=init_std, generator=generator)
+    return LowRankLinear(linear.weight.data, rank, activation="identity", bias=_bias(linear), generator=generator)
 
 
 def _build_lowrank_svd(linear: nn.Linear, layer: LayerConfig, rank: int, generator, init_std: float) -> nn.Module:
@@ -183,12 +182,11 @@ def _build_lowrank_svd(linear: nn.Linear, layer: LayerConfig, rank: int, generat
 
 
 def _build_cola(linear: nn.Linear, layer: LayerConfig, rank: int, generator, init_std: float) -> nn.Module:
-    return LowRankLinear(linear.weight.data, rank, init="random", activation="silu", bias=_bias(linear),
-                         init_std=init_std, generator=generator)
+    return LowRankLinear(linear.weight.data, rank, activation="silu", bias=_bias(linear), generator=generator)
 
 
 def _build_sltrain(linear: nn.Linear, layer: LayerConfig, rank: int, generator, init_std: float) -> nn.Module:
-    return SLTrainLinear(linear.weight.data, rank, density=layer.density, bias=_bias(linear), init_std=init_std,
+    return SLTrainLinear(linear.weight.data, rank, density=layer.density, alpha=layer.sltrain_alpha, bias=_bias(linear),
                          generator=generator)
 
 
