@@ -40,7 +40,8 @@ def test_bench_runs_writes_table_json_plots_and_resumes(tmp_path, tiny_run, caps
                for a in (full, lost))
     run = data["variants"][1]["runs"][0]
     assert run["summary"]["method"] == "lost" and run["summary"]["step"] == 4
-    assert yaml.safe_load((results / "runs/lost-g0.3/seed0/config.yaml").read_text())["layer"]["gamma"] == 0.3
+    (config,) = results.glob("runs/lost-g0.3/lr0.003-*/seed0/config.yaml")  # runs/<variant>/lr<lr>-<maths hash>/seed<k>
+    assert yaml.safe_load(config.read_text())["layer"]["gamma"] == 0.3
     # the analytic parameter count of the estimator equals the real model's
     assert run["estimate"]["params_trainable"] == run["summary"]["parameters"]["total"]
     for png in ("loss_vs_tokens.png", "loss_vs_time.png", "ppl_vs_memory.png"):
