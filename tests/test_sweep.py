@@ -113,3 +113,25 @@ def test_two_stage_sweep_resumes_and_reports(tmp_path, tiny_run, capsys):
     out = capsys.readouterr().out
     assert ": running in " not in out and out.count("done, skipped") == 2 * 2
     assert out.count("sweep/full: chosen lr") == out.count("sweep/lost: chosen lr") == 1
+
+
+def test_code_fingerprint_follows_what_each_method_reaches(tmp_path):
+    """Editing the random factor init (CoLA/lowrank's) moves cola, lowrank and sltrain to new keys, not
+    lost or full; a docstring or comment edit moves nothing."""
+    from lostlm.bench import runkey
+
+    for name in (*runkey.SHARED_MODULES, *runkey.METHOD_MODULES):
+        (tmp_path / name).write_text((runkey.PACKAGE / name).read_text())
+    methods = ("full", "galore", "lost", "lowrank-svd", "cola", "lowrank", "sltrain")
+    before = {m: runkey.code_fingerprint(m, tmp_path) for m in methods}
+    layers = tmp_path / "layers.py"
+    text = layers.read_text()
+    layers.write_text(text.replace("def random_factors(", "# a comment\ndef random_factors(", 1))
+    assert {m: runkey.code_fingerprint(m, tmp_path) for m in methods} == before
+    marker = "def random_factors("
+    head, tail = text.split(marker, 1)
+    body_start = tail.index(":\n") + 2
+    layers.write_text(head + marker + tail[:body_start] + "    std = std * 2\n" + tail[body_start:])
+    after = {m: runkey.code_fingerprint(m, tmp_path) for m in methods}
+    moved = {m for m in methods if after[m] != before[m]}
+    assert moved == {"cola", "lowrank", "lowrank-svd", "sltrain"}  # lowrank-svd shares LowRankLinear
