@@ -69,6 +69,13 @@ def test_run_key_changes_with_the_maths_only(tmp_path, tiny_run):
     g.layer.gamma = 0.25
     assert run_key(f)["hash"] == run_key(g)["hash"]
     assert key_folder(f).startswith("lr0.003-")
+    c = run_config(recipe, full, 0)            # cola reads no gamma/density: a LOST knob does not move it
+    c.layer.method = "cola"
+    d = run_config(recipe, full, 0)
+    d.layer.method, d.layer.gamma, d.layer.density = "cola", 0.25, 0.2
+    assert run_key(c)["hash"] == run_key(d)["hash"]
+    d.layer.rank = 4
+    assert run_key(c)["hash"] != run_key(d)["hash"]
 
 
 def test_two_stage_sweep_resumes_and_reports(tmp_path, tiny_run, capsys):

@@ -6,8 +6,11 @@ A bench run lives in ``<results>/runs/<variant>/lr<lr>-<hash>/seed<k>/`` (stage 
 * the resolved config (every section), minus the keys that only do bookkeeping
   (:data:`BOOKKEEPING`: folders, seed — the seed is the folder's own name —, threads, progress bar,
   logging and checkpoint intervals, resume policy, the MFU denominator, the data cache folder);
-  for a dense method (``full``, ``galore``) the ``layer`` section counts only through
-  ``method``, ``targets`` and the ``galore_*`` keys, the only ones such a run reads;
+  the ``layer`` section counts only through the keys the method reads: ``method``,
+  ``targets``, ``rank`` and the ``galore_*`` keys for a dense method (``full``, ``galore``:
+  ``method``, ``targets``, ``galore_*``), plus, for the others, every ``layer.<key>`` their
+  builder's reached definitions (below) mention — so a new config key another method reads
+  does not move this method's runs;
 * a fingerprint of the code the maths runs through: the syntax trees (no comments, no
   docstrings) of the whole of :data:`SHARED_MODULES` (every method), plus, in
   :data:`METHOD_MODULES` (``layers.py``, ``methods.py``), only the top-level definitions the
@@ -88,18 +91,34 @@ def code_fingerprint(method: str, package: Path = PACKAGE) -> str:
     for name in SHARED_MODULES:
         h.update(name.encode())
         h.update(ast.dump(_strip_docstrings(ast.parse((package / name).read_text())), annotate_fields=False).encode())
-    defs: dict[str, ast.AST] = {}
-    for name in METHOD_MODULES:
-        defs.update(_top_level(_strip_docstrings(ast.parse((package / name).read_text()))))
-    builder = "_build_" + method.replace("-", "_")
-    if method not in DENSE_METHODS and builder not in defs:  # a method registered elsewhere: hash both files whole
-        reached = sorted(defs)
-    else:
-        reached = _closure([builder], defs) if method not in DENSE_METHODS else []
+    reached, defs = _reached(method, package)
     for name in reached:
         h.update(name.encode())
         h.update(ast.dump(defs[name], annotate_fields=False).encode())
     return h.hexdigest()
+
+
+def _reached(method: str, package: Path = PACKAGE) -> tuple[list[str], dict[str, ast.AST]]:
+    """The top-level definitions of layers.py/methods.py that ``method``'s builder reaches."""
+    defs: dict[str, ast.AST] = {}
+    for name in METHOD_MODULES:
+        defs.update(_top_level(_strip_docstrings(ast.parse((package / name).read_text()))))
+    if method in DENSE_METHODS:
+        return [], defs
+    builder = "_build_" + method.replace("-", "_")
+    if builder not in defs:  # a method registered elsewhere: all of both files
+        return sorted(defs), defs
+    return _closure([builder], defs), defs
+
+
+def layer_keys(method: str, package: Path = PACKAGE) -> list[str]:
+    """The ``layer`` config keys a method's maths reads (see the module docstring)."""
+    if method in DENSE_METHODS:
+        return list(DENSE_LAYER_KEYS)
+    reached, defs = _reached(method, package)
+    read = {node.attr for name in reached for node in ast.walk(defs[name])
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "layer"}
+    return sorted({"method", "targets", "rank", *read})
 
 
 def maths_of(cfg: Config) -> dict:
@@ -108,8 +127,7 @@ def maths_of(cfg: Config) -> dict:
     for section, keys in BOOKKEEPING.items():
         for key in keys:
             data[section].pop(key, None)
-    if cfg.layer.method in DENSE_METHODS:
-        data["layer"] = {k: data["layer"][k] for k in DENSE_LAYER_KEYS}
+    data["layer"] = {k: data["layer"][k] for k in layer_keys(cfg.layer.method) if k in data["layer"]}
     return data
 
 
