@@ -12,7 +12,7 @@ from ..peak import measure_peak
 from .recipe import load_recipe, run_config, run_dir
 from .report import write_report
 from .runner import _locked, run_bench
-from .sweep import chosen_lr, run_loss, stage_one
+from .sweep import chosen_lr, run_loss, stage_one, sweep_record
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +48,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.peak:
         return _cmd_peak(args)
     if args.report:
+        _refresh_sweep(Path(args.report))
         payload = write_report(Path(args.report))
         print((Path(args.report) / "results.md").read_text())
         print(f"{payload['finished_runs']} finished run(s); wrote {args.report}/results.md, results.json, *.png")
@@ -64,6 +65,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if (recipe.results / "results.md").is_file():
         print((recipe.results / "results.md").read_text())
     return 0
+
+
+def _refresh_sweep(folder: Path) -> None:
+    """Rewrite a sweep's ``sweep.json`` from its finished runs (the recipe copy in the folder)."""
+    try:
+        recipe = load_recipe(folder / "recipe.yaml", results=folder) if (folder / "recipe.yaml").is_file() else None
+    except LostLMError:
+        return
+    if recipe is not None and recipe.sweep is not None:
+        (folder / "sweep.json").write_text(json.dumps(sweep_record(recipe), indent=1))
 
 
 def _dry_run(recipe) -> None:

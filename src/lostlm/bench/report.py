@@ -242,8 +242,8 @@ def format_results(variants: list[dict], info: dict) -> str:
     lines.append("")
     lines.append(TABLE_NOTE)
     reference = info.get("reference")
-    if reference:
-        lines += ["", *format_paired(info.get("paired", []), reference)]
+    if reference and info.get("paired"):
+        lines += ["", *format_paired(info["paired"], reference)]
     if info.get("sweep"):
         lines += ["", *_sweep_section(info["sweep"])]
     stale = [(v["name"], r) for v in variants for r in v.get("stale_runs", [])]
