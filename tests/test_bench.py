@@ -24,7 +24,7 @@ def test_bench_runs_writes_table_json_plots_and_resumes(tmp_path, tiny_run, caps
     assert main(["bench", str(path)]) == 0
     results = tmp_path / "results"
     table = (results / "results.md").read_text()
-    main_table, breakdown_table = table.split("Memory breakdown")
+    main_table, breakdown_table = table.split("Validation perplexity is token-weighted")[0], table.split("Memory breakdown")[1]
     header = next(l for l in main_table.splitlines() if l.startswith("| variant |"))
     rows = [l for l in main_table.splitlines() if l.startswith("| full ") or l.startswith("| lost-g0.3 ")]
     assert len(rows) == 2 and all(r.count("|") == header.count("|") for r in rows)  # every column filled
@@ -38,9 +38,15 @@ def test_bench_runs_writes_table_json_plots_and_resumes(tmp_path, tiny_run, caps
     assert full["trainable_params"] > lost["trainable_params"] and full["state_bytes"] > lost["state_bytes"]
     assert all(a["val_ppl_mean"] > 1 and a["peak_memory_bytes_mean"] > 0 and a["tokens_per_s_mean"] > 0 and a["mfu_mean"] > 0
                for a in (full, lost))
+    # paired statistics against the default reference (full): one shared seed, d = lost - full, no verdict
+    (pair,) = data["paired"]
+    losses = [v["runs"][0]["summary"]["val_loss"] for v in data["variants"]]
+    assert pair["reference"] == "full" and pair["diffs"] == [losses[1] - losses[0]] and pair["verdict"] == "one seed"
+    assert "Paired difference of validation loss against `full`" in table
     run = data["variants"][1]["runs"][0]
     assert run["summary"]["method"] == "lost" and run["summary"]["step"] == 4
-    assert yaml.safe_load((results / "runs/lost-g0.3/seed0/config.yaml").read_text())["layer"]["gamma"] == 0.3
+    (config,) = results.glob("runs/lost-g0.3/lr0.003-*/seed0/config.yaml")  # runs/<variant>/lr<lr>-<maths hash>/seed<k>
+    assert yaml.safe_load(config.read_text())["layer"]["gamma"] == 0.3
     # the analytic parameter count of the estimator equals the real model's
     assert run["estimate"]["params_trainable"] == run["summary"]["parameters"]["total"]
     for png in ("loss_vs_tokens.png", "loss_vs_time.png", "ppl_vs_memory.png"):

@@ -95,3 +95,32 @@ def _plot_ppl_vs_memory(variants: list[dict], path: Path, colors: list) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_sweep(sweep: dict, path: Path) -> Path:
+    """Stage one of a learning-rate sweep: final validation loss against lr (log) per variant,
+    the chosen lr circled, diverged points drawn as crosses at the top of the axes."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    finite = [p["val_loss"] for v in sweep["variants"].values() for p in v["points"] if not p["diverged"]]
+    top = max(finite) if finite else 1.0
+    for i, (name, v) in enumerate(sweep["variants"].items()):
+        color = colors[i % len(colors)]
+        ok = [p for p in v["points"] if not p["diverged"]]
+        ax.plot([p["lr"] for p in ok], [p["val_loss"] for p in ok], "o-", ms=4, color=color, label=name)
+        bad = [p["lr"] for p in v["points"] if p["diverged"]]
+        if bad:
+            ax.plot(bad, [top] * len(bad), "x", color=color, ms=8)
+        chosen = [p for p in ok if v.get("chosen_lr") == p["lr"]]
+        if chosen:
+            ax.plot([chosen[0]["lr"]], [chosen[0]["val_loss"]], "o", ms=11, mfc="none", color=color)
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate (log); ○ chosen, × diverged")
+    ax.set_ylabel("final validation loss (nats)")
+    ax.set_title(f"lr sweep, stage one (seed {sweep.get('seed', '?')})")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

@@ -12,6 +12,7 @@ from ..peak import measure_peak
 from .recipe import load_recipe, run_config, run_dir
 from .report import write_report
 from .runner import _locked, run_bench
+from .sweep import chosen_lr, run_loss, stage_one, sweep_record
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--results", help="results folder (default: the recipe's, bench/results/<name>)")
     p.add_argument("--lock", help="flock this file around each run (queue behind other heavy jobs on a shared machine)")
     p.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    p.add_argument("--threads", type=int, help="train.threads of every run (not part of a run's key: results stay comparable)")
+    p.add_argument("--stage", choices=("all", "one", "two"), default="all",
+                   help="a recipe with a sweep: block: run stage one (lr choice), stage two (chosen lr x seeds), or both")
     p.set_defaults(func=cmd_bench)
 
 
@@ -44,6 +48,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.peak:
         return _cmd_peak(args)
     if args.report:
+        _refresh_sweep(Path(args.report))
         payload = write_report(Path(args.report))
         print((Path(args.report) / "results.md").read_text())
         print(f"{payload['finished_runs']} finished run(s); wrote {args.report}/results.md, results.json, *.png")
@@ -51,13 +56,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if not args.recipe:
         raise LostLMError("lostlm bench needs a recipe (e.g. bench/tiny.yaml), --report RESULTS_DIR or --peak")
     recipe = load_recipe(args.recipe, args.results)
+    if args.threads:
+        recipe.base_overrides.append(f"train.threads={args.threads}")
     if args.dry_run:
-        for seed in recipe.seeds:
-            for v in recipe.variants:
-                folder = run_dir(recipe, v, seed)
-                state = "done" if (folder / "summary.json").is_file() else "todo"
-                print(f"{state}  {v.name:24s} seed {seed}  {folder}  {' '.join(v.overrides)}")
+        _dry_run(recipe)
         return 0
-    run_bench(recipe, args.lock, log=lambda m: print(m, flush=True))
-    print((recipe.results / "results.md").read_text())
+    run_bench(recipe, args.lock, log=lambda m: print(m, flush=True), stage=args.stage)
+    if (recipe.results / "results.md").is_file():
+        print((recipe.results / "results.md").read_text())
     return 0
+
+
+def _refresh_sweep(folder: Path) -> None:
+    """Rewrite a sweep's ``sweep.json`` from its finished runs (the recipe copy in the folder)."""
+    try:
+        recipe = load_recipe(folder / "recipe.yaml", results=folder) if (folder / "recipe.yaml").is_file() else None
+    except LostLMError:
+        return
+    if recipe is not None and recipe.sweep is not None:
+        (folder / "sweep.json").write_text(json.dumps(sweep_record(recipe), indent=1))
+
+
+def _dry_run(recipe) -> None:
+    """List stage one's state (a sweep) and every stage-two run that can be named now."""
+    def state(folder):
+        loss = run_loss(folder)
+        return "todo" if loss is None else "done"
+
+    if recipe.sweep is not None:
+        for v in recipe.variants:
+            st = stage_one(recipe, v)
+            points = " ".join(f"{lr:.3g}:{loss:.4f}" for lr, loss in sorted(st["points"].items()))
+            what = f"next lr {st['next']:.3g}" if "next" in st else f"chosen lr {st['chosen']}" + (" (AT EDGE)" if st["at_edge"] else "")
+            print(f"sweep  {v.name:24s} {what}   finished: {points or 'none'}")
+    for v in recipe.variants:
+        try:
+            lr = chosen_lr(recipe, v)
+        except LostLMError as exc:
+            print(f"wait   {v.name:24s} {exc}")
+            continue
+        if recipe.sweep is not None and lr is None:
+            print(f"wait   {v.name:24s} stage one has not chosen an lr")
+            continue
+        for seed in recipe.seeds_of(v):
+            folder = run_dir(recipe, v, seed, lr=lr)
+            print(f"{state(folder)}   {v.name:24s} seed {seed}  {folder}  {' '.join(v.overrides)}")

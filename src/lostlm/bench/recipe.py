@@ -12,6 +12,19 @@ A recipe (YAML)::
       - name: lost-gamma0.25         # a named variant: a method plus overrides (an ablation)
         method: lost
         overrides: {layer.gamma: 0.25}
+        seeds: [0]                   # optional: this variant's own seeds
+    reference: full                  # paired statistics against this variant (default: full, else the first)
+    promote_seeds: [1, 2]            # optional: variants run at one seed that beat the reference there get these too
+    sweep:                           # optional: tune train.lr per variant first (docs/benchmarks.md)
+      grid: [1.0e-2, 5.0e-3, 2.5e-3, 1.0e-3, 5.0e-4]
+      grids: {galore: [1.0e-2, 5.0e-3, 1.0e-3, 5.0e-4, 1.0e-4]}   # per variant (or method) name
+      seed: 0                        # stage one runs at this seed only
+      overrides: {train.steps: 63}   # stage one's short budget, on top of base.overrides
+      factor: 2                      # best at an edge: extend the grid by this factor that way ...
+      max_extensions: 3              # ... at most this many times per variant
+    lr_from:                         # optional, instead of sweep: take each variant's lr from another sweep
+      results: bench/results/tuned-tiny
+      variant: lost                  # optional: every variant takes this variant's chosen lr
 """
 
 from __future__ import annotations
@@ -25,10 +38,13 @@ import yaml
 
 from ..configs import METHODS, Config, load_config
 from ..errors import LostLMError
+from .runkey import key_folder
 
 RESULTS_ROOT = Path("bench/results")
-RECIPE_KEYS = ("name", "description", "base", "seeds", "methods", "results", "isolate")
-VARIANT_KEYS = ("name", "method", "overrides")
+RECIPE_KEYS = ("name", "description", "base", "seeds", "methods", "results", "isolate", "reference", "promote_seeds",
+               "sweep", "lr_from")
+VARIANT_KEYS = ("name", "method", "overrides", "seeds")
+SWEEP_KEYS = ("grid", "grids", "seed", "overrides", "factor", "max_extensions")
 
 
 @dataclass
@@ -36,6 +52,23 @@ class Variant:
     name: str
     method: str
     overrides: list[str] = field(default_factory=list)
+    seeds: list[int] | None = None
+    """This variant's seeds (None: the recipe's)."""
+
+
+@dataclass
+class Sweep:
+    """Stage one of a learning-rate sweep (see :mod:`.sweep`)."""
+
+    grid: list[float]
+    grids: dict[str, list[float]]
+    seed: int
+    overrides: list[str]
+    factor: float = 2.0
+    max_extensions: int = 3
+
+    def grid_of(self, variant: Variant) -> list[float]:
+        return sorted(self.grids.get(variant.name, self.grids.get(variant.method, self.grid)))
 
 
 @dataclass
@@ -49,6 +82,13 @@ class Recipe:
     isolate: bool = True
     source: Path | None = None
     description: str = ""
+    reference: str | None = None
+    promote_seeds: list[int] = field(default_factory=list)
+    sweep: Sweep | None = None
+    lr_from: dict | None = None
+
+    def seeds_of(self, variant: Variant) -> list[int]:
+        return variant.seeds if variant.seeds is not None else self.seeds
 
 
 def _override_list(value: Any, where: str) -> list[str]:
@@ -88,13 +128,53 @@ def _read_mapping(path: Path) -> dict:
     return data
 
 
-def _seeds(data: dict, path: Path) -> list[int]:
-    seeds = data.get("seeds", [0])
+def _seeds(data: dict, path: Path, key: str = "seeds", default: Any = (0,)) -> list[int]:
+    seeds = data.get(key, list(default))
     if isinstance(seeds, int):
         seeds = [seeds]
-    if not seeds or not all(isinstance(s, int) for s in seeds):
-        raise LostLMError(f"bench recipe {path}: seeds must be a list of integers, e.g. [0, 1, 2]")
+    if not isinstance(seeds, list) or not seeds and key == "seeds" or not all(isinstance(s, int) for s in seeds):
+        raise LostLMError(f"bench recipe {path}: {key} must be a list of integers, e.g. [0, 1, 2]")
     return [int(s) for s in seeds]
+
+
+def _lrs(value: Any, where: str) -> list[float]:
+    if not isinstance(value, list) or len(value) < 3 or not all(isinstance(v, (int, float)) and v > 0 for v in value):
+        raise LostLMError(f"{where} must be a list of at least 3 positive learning rates, e.g. [1.0e-2, 3.0e-3, 1.0e-3]")
+    return sorted(float(v) for v in value)
+
+
+def _sweep(data: dict, path: Path) -> Sweep | None:
+    raw = data.get("sweep")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) - set(SWEEP_KEYS):
+        raise LostLMError(f"bench recipe {path}: sweep must be a mapping with keys {', '.join(SWEEP_KEYS)}")
+    grids = raw.get("grids") or {}
+    if not isinstance(grids, dict):
+        raise LostLMError(f"bench recipe {path}: sweep.grids must map a variant or method name to a grid")
+    factor, max_ext = raw.get("factor", 2.0), raw.get("max_extensions", 3)
+    if not isinstance(factor, (int, float)) or factor <= 1 or not isinstance(max_ext, int) or max_ext < 0:
+        raise LostLMError(f"bench recipe {path}: sweep.factor must be > 1 and sweep.max_extensions an integer >= 0")
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int):
+        raise LostLMError(f"bench recipe {path}: sweep.seed must be an integer")
+    return Sweep(grid=_lrs(raw.get("grid"), f"bench recipe {path}: sweep.grid"),
+                 grids={str(k): _lrs(v, f"bench recipe {path}: sweep.grids.{k}") for k, v in grids.items()},
+                 seed=seed, overrides=_override_list(raw.get("overrides"), "sweep.overrides"), factor=float(factor),
+                 max_extensions=max_ext)
+
+
+def _lr_from(data: dict, path: Path) -> dict | None:
+    raw = data.get("lr_from")
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        raw = {"results": raw}
+    if not isinstance(raw, dict) or "results" not in raw or set(raw) - {"results", "variant"}:
+        raise LostLMError(f"bench recipe {path}: lr_from must be a results folder or a mapping with results (and variant)")
+    if data.get("sweep") is not None:
+        raise LostLMError(f"bench recipe {path}: use sweep or lr_from, not both")
+    return {"results": str(raw["results"]), "variant": raw.get("variant")}
 
 
 def _variants(data: dict, path: Path) -> list[Variant]:
@@ -111,7 +191,8 @@ def _variants(data: dict, path: Path) -> list[Variant]:
         extra = set(item) - set(VARIANT_KEYS)
         if extra:
             raise LostLMError(f"bench recipe {path}: variant {name} has unknown key(s) {sorted(extra)}; use name, method, overrides")
-        variants.append(Variant(name, method, _override_list(item.get("overrides"), f"variant {name} overrides")))
+        seeds = _seeds(item, path, "seeds") if "seeds" in item else None
+        variants.append(Variant(name, method, _override_list(item.get("overrides"), f"variant {name} overrides"), seeds))
     if not variants:
         raise LostLMError(f"bench recipe {path} lists no methods; add e.g. methods: [full, lost]")
     names = [v.name for v in variants]
@@ -138,24 +219,39 @@ def load_recipe(path: str | Path, results: str | Path | None = None) -> Recipe:
     recipe = Recipe(name=name, base_config=base_config, base_overrides=_override_list(base.get("overrides"), "base.overrides"),
                     seeds=seeds, variants=variants,
                     results=Path(results or data.get("results") or RESULTS_ROOT / name),
-                    isolate=bool(data.get("isolate", True)), source=path, description=str(data.get("description", "")))
+                    isolate=bool(data.get("isolate", True)), source=path, description=str(data.get("description", "")),
+                    promote_seeds=_seeds(data, path, "promote_seeds", ()), sweep=_sweep(data, path), lr_from=_lr_from(data, path))
+    reference = data.get("reference", "full" if "full" in [v.name for v in variants] else variants[0].name)
+    if reference not in [v.name for v in variants]:
+        raise LostLMError(f"bench recipe {path}: reference {reference!r} is not one of the variants ({', '.join(v.name for v in variants)})")
+    recipe.reference = str(reference)
     for variant in variants:  # fail before any run starts
-        run_config(recipe, variant, recipe.seeds[0])
+        run_config(recipe, variant, recipe.seeds_of(variant)[0])
+        if recipe.sweep:
+            run_config(recipe, variant, recipe.sweep.seed, lr=recipe.sweep.grid_of(variant)[0], stage="sweep")
     return recipe
 
 
-def run_dir(recipe: Recipe, variant: Variant, seed: int) -> Path:
-    """``<results>/runs/<variant>/seed<k>``: one run's folder."""
-    return recipe.results / "runs" / variant.name / f"seed{seed}"
+def run_dir(recipe: Recipe, variant: Variant, seed: int, lr: float | None = None, stage: str = "runs") -> Path:
+    """``<results>/<stage>/<variant>/lr<lr>-<hash>/seed<k>``: one run's folder (:mod:`.runkey`)."""
+    return Path(run_config(recipe, variant, seed, lr=lr, stage=stage).train.out_dir)
 
 
-def run_config(recipe: Recipe, variant: Variant, seed: int, peak_flops: float | None = None) -> Config:
-    """The full config of one variant × seed (base, the variant's overrides, seed and folder)."""
-    overrides = [*recipe.base_overrides, f"layer.method={variant.method}", *variant.overrides,
-                 f"train.seed={seed}", f"train.out_dir={run_dir(recipe, variant, seed)}", "train.progress=false"]
+def run_config(recipe: Recipe, variant: Variant, seed: int, peak_flops: float | None = None, lr: float | None = None,
+               stage: str = "runs") -> Config:
+    """The full config of one variant × seed: base, the variant's overrides, stage one's budget
+    (``stage="sweep"``), the learning rate ``lr`` (None: the recipe's), seed and folder."""
+    overrides = [*recipe.base_overrides, f"layer.method={variant.method}", *variant.overrides]
+    if stage == "sweep" and recipe.sweep is not None:
+        overrides += recipe.sweep.overrides
+    if lr is not None:
+        overrides.append(f"train.lr={lr!r}")
+    overrides += [f"train.seed={seed}", "train.progress=false"]
     if peak_flops:
         overrides.append(f"train.peak_flops={peak_flops}")
     try:
-        return load_config(recipe.base_config, overrides)
+        cfg = load_config(recipe.base_config, overrides)
     except LostLMError as exc:
         raise LostLMError(f"bench variant {variant.name}: {exc}") from None
+    cfg.train.out_dir = str(recipe.results / stage / variant.name / key_folder(cfg) / f"seed{seed}")
+    return cfg

@@ -15,7 +15,8 @@ from typing import Any
 
 from ..configs import Config
 from ..errors import LostLMError
-from .recipe import Recipe, load_recipe
+from .recipe import Recipe, load_recipe, run_dir
+from .stats import format_paired, paired_table
 
 
 def machine_info() -> dict:
@@ -96,7 +97,7 @@ def _collect_run(seed_dir: Path, peak_override: float | None) -> dict | None:
         micro = cfg.train.micro_batch_size or cfg.train.batch_size
         vocab = summary.get("vocab_size") or _vocab_from_params(cfg, summary)
         entry["estimate"] = estimate_run(cfg, vocab, micro).to_dict()
-        entry["config"] = {"steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
+        entry["config"] = {"lr": cfg.train.lr, "steps": cfg.train.steps, "batch_size": cfg.train.batch_size, "seq_len": cfg.data.seq_len,
                            "preset": cfg.model.preset, "precision": summary.get("precision")}
     return entry
 
@@ -106,7 +107,7 @@ def _aggregate(runs: list[dict]) -> dict:
     s = [r["summary"] for r in runs]
     ppl = _mean_std([x["val_ppl"] for x in s])
     loss = _mean_std([x["val_loss"] for x in s])
-    agg = {"seeds": [r["seed"] for r in runs], "val_ppl_mean": ppl[0], "val_ppl_std": ppl[1],
+    agg = {"seeds": [r["seed"] for r in runs], "lr": runs[0].get("config", {}).get("lr"), "val_ppl_mean": ppl[0], "val_ppl_std": ppl[1],
            "val_loss_mean": loss[0], "val_loss_std": loss[1],
            "trainable_params": s[0]["parameters"]["total"],
            "tokens": s[0]["tokens"],
@@ -120,23 +121,54 @@ def _aggregate(runs: list[dict]) -> dict:
     return agg
 
 
+def _variant_entry(name: str, method: str | None, seed_dirs: list[Path], peak_override: float | None) -> dict:
+    runs = [r for r in (_collect_run(d, peak_override) for d in seed_dirs) if r is not None]
+    if not runs:
+        return {"name": name, "method": method, "runs": []}
+    return {"name": name, "method": method or runs[0]["summary"]["method"], "runs": runs, "aggregate": _aggregate(runs)}
+
+
+def _recipe_seed_dirs(recipe: Recipe, variant) -> tuple[list[Path], list[str]]:
+    """The variant's current run folders (its chosen lr, current maths key) and the stale ones:
+    finished runs of the same variant under another key (other lr or other maths)."""
+    from .sweep import chosen_lr
+
+    try:
+        lr = chosen_lr(recipe, variant)
+    except LostLMError:
+        lr = None
+    if recipe.sweep is not None and lr is None:  # stage one has not chosen yet
+        current = []
+    else:
+        seeds = list(dict.fromkeys([*recipe.seeds_of(variant), *recipe.promote_seeds]))
+        current = [run_dir(recipe, variant, s, lr=lr) for s in seeds]
+    keys = {d.parent for d in current}
+    root = recipe.results / "runs" / variant.name
+    stale = sorted(str(p.parent) for p in root.glob("*/seed*/summary.json") if p.parent.parent not in keys) if root.is_dir() else []
+    return current, stale
+
+
 def collect(results_dir: Path, recipe: Recipe | None = None) -> list[dict]:
-    """One entry per variant: its runs (summary + curves) and aggregates over seeds."""
+    """One entry per variant: its runs (summary + curves) and aggregates over seeds. With a
+    recipe, only the runs of the current maths key (:mod:`.runkey`) at the variant's lr count;
+    finished runs under other keys are listed in ``stale_runs``. Without one, every key folder
+    under ``runs/<variant>/`` is its own entry."""
     runs_root = Path(results_dir) / "runs"
     peak_info = _read_json(Path(results_dir) / "peak.json") or {}
     peak_override = peak_info.get("peak_flops_per_s")
-    if recipe is not None:
-        order = [(v.name, v.method) for v in recipe.variants]
-    else:
-        order = [(p.name, None) for p in sorted(runs_root.iterdir()) if p.is_dir()] if runs_root.is_dir() else []
     variants = []
-    for name, method in order:
-        runs = [r for r in (_collect_run(d, peak_override) for d in _seed_dirs(runs_root / name)) if r is not None]
-        if not runs:
-            variants.append({"name": name, "method": method, "runs": []})
-            continue
-        variants.append({"name": name, "method": method or runs[0]["summary"]["method"], "runs": runs,
-                         "aggregate": _aggregate(runs)})
+    if recipe is not None:
+        for v in recipe.variants:
+            current, stale = _recipe_seed_dirs(recipe, v)
+            entry = _variant_entry(v.name, v.method, [d for d in current if d.is_dir()], peak_override)
+            entry["stale_runs"] = stale
+            variants.append(entry)
+        return variants
+    for vdir in sorted(p for p in runs_root.iterdir() if p.is_dir()) if runs_root.is_dir() else []:
+        keys = sorted(p for p in vdir.iterdir() if p.is_dir() and not p.name.startswith("seed"))
+        for key in keys:
+            name = vdir.name if len(keys) == 1 else f"{vdir.name} ({key.name})"
+            variants.append(_variant_entry(name, None, _seed_dirs(key), peak_override))
     return variants
 
 
@@ -156,16 +188,17 @@ BREAKDOWN_NOTE = ("Memory breakdown (MiB): analytic parts (fp32 weights and grad
 
 
 def _main_table(variants: list[dict]) -> list[str]:
-    lines = ["| variant | method | seeds | val ppl (mean ± std) | val loss | trainable params | weights+grads+optim (analytic) | "
+    lines = ["| variant | method | lr | seeds | val ppl (mean ± std) | val loss | trainable params | weights+grads+optim (analytic) | "
              "peak memory (measured) | tokens/s | MFU |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for v in variants:
         a = v.get("aggregate")
         if a is None:
-            lines.append(f"| {v['name']} | {v['method'] or '?'} | none finished | | | | | | | |")
+            lines.append(f"| {v['name']} | {v['method'] or '?'} | | none finished | | | | | | | |")
             continue
         state = f"{a['state_bytes'] / 2**20:,.1f} MiB" if "state_bytes" in a else "?"
-        lines.append(f"| {v['name']} | {v['method']} | {','.join(map(str, a['seeds']))} | {a['val_ppl_mean']:.2f} ± {a['val_ppl_std']:.2f} | "
+        lr = f"{a['lr']:.3g}" if a.get("lr") else "?"
+        lines.append(f"| {v['name']} | {v['method']} | {lr} | {','.join(map(str, a['seeds']))} | {a['val_ppl_mean']:.2f} ± {a['val_ppl_std']:.2f} | "
                      f"{a['val_loss_mean']:.4f} | {a['trainable_params'] / 1e6:.2f}M | {state} | "
                      f"{a['peak_memory_bytes_mean'] / 2**20:,.0f} MiB | {a['tokens_per_s_mean']:,.0f} | {100 * a['mfu_mean']:.1f}% |")
     return lines
@@ -202,11 +235,48 @@ def format_results(variants: list[dict], info: dict) -> str:
                  f"{machine.get('torch_threads', '?')} threads). Peak matmul rate (MFU denominator): "
                  f"{peak.get('peak_flops_per_s', float('nan')) / 1e9:.1f} GFLOP/s {peak.get('dtype', '')}.")
     lines.append("")
+    if info.get("planned_runs") is not None:
+        lines += [f"Finished runs: {info['finished_runs']} of {info['planned_runs']} planned (variants without a row, or "
+                  "with fewer seeds than the recipe, did not finish).", ""]
     lines += _main_table(variants)
     lines.append("")
     lines.append(TABLE_NOTE)
+    reference = info.get("reference")
+    if reference and info.get("paired"):
+        lines += ["", *format_paired(info["paired"], reference)]
+    if info.get("sweep"):
+        lines += ["", *_sweep_section(info["sweep"])]
+    stale = [(v["name"], r) for v in variants for r in v.get("stale_runs", [])]
+    if stale:
+        lines += ["", f"Stale runs (not in the table: another lr or other maths, see docs/benchmarks.md): {len(stale)}; "
+                  + ", ".join(r for _, r in stale[:12]) + (" ..." if len(stale) > 12 else "")]
     lines += _breakdown_table(variants)
     return "\n".join(lines) + "\n"
+
+
+def _sweep_section(sweep: dict) -> list[str]:
+    """Stage one of the lr sweep: every point per variant, the chosen lr, edge and extensions."""
+    lrs = sorted({p["lr"] for v in sweep["variants"].values() for p in v["points"]}, reverse=True)
+    lines = ["## Learning-rate sweep (stage one)", "",
+             f"Seed {sweep['seed']}, budget overrides {' '.join(sweep['overrides']) or '(none)'}; chosen lr = lowest final "
+             f"validation loss (diverged = +inf); best at an edge extends the grid ×{sweep['factor']:g} / "
+             f"÷{sweep['factor']:g}, at most {sweep['max_extensions']} times. Plot: `sweep.png`.", "",
+             "| variant | " + " | ".join(f"{lr:.3g}" for lr in lrs) + " | chosen lr | note |",
+             "|---|" + "---:|" * len(lrs) + "---:|---|"]
+    for name, v in sweep["variants"].items():
+        by_lr = {p["lr"]: p for p in v["points"]}
+        cells = []
+        for lr in lrs:
+            p = by_lr.get(lr)
+            text = "" if p is None else "diverged" if p["diverged"] else f"{p['val_loss']:.4f}"
+            cells.append(f"**{text}**" if p is not None and v["chosen_lr"] == lr else text)
+        note = ("not finished" if not v["done"] else "all diverged" if v["chosen_lr"] is None else
+                "AT EDGE (max extensions reached)" if v["at_edge"] else "interior")
+        if v["extensions"]:
+            note += "; extended to " + ", ".join(f"{e:.3g}" for e in v["extensions"])
+        chosen = f"{v['chosen_lr']:.3g}" if v["chosen_lr"] else "–"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen} | {note} |")
+    return lines
 
 
 # -- writing the report ------------------------------------------------------------------------
@@ -226,7 +296,7 @@ def _report_peak(results_dir: Path, variants: list[dict]) -> dict:
 
 def write_report(results_dir: Path, recipe: Recipe | None = None) -> dict:
     """(Re)build results.md, results.json and the PNGs from the finished runs in the folder."""
-    from ..plots import plot_bench
+    from ..plots import plot_bench, plot_sweep
     from ..runtime import atomic_write_text
 
     results_dir = Path(results_dir)
@@ -236,19 +306,31 @@ def write_report(results_dir: Path, recipe: Recipe | None = None) -> dict:
         with contextlib.suppress(LostLMError):
             recipe = load_recipe(results_dir / "recipe.yaml", results=results_dir)
     variants = collect(results_dir, recipe)
-    if not any(v["runs"] for v in variants):
+    sweep = _read_json(results_dir / "sweep.json")
+    if not any(v["runs"] for v in variants) and not sweep:
         raise LostLMError(f"{results_dir} holds no finished runs (no runs/*/seed*/summary.json); run `lostlm bench RECIPE` first")
     info = {"name": recipe.name if recipe else results_dir.name, "description": recipe.description if recipe else "",
             "machine": machine_info(), "peak": _report_peak(results_dir, variants),
             "recipe": {"base_config": recipe.base_config, "base_overrides": recipe.base_overrides, "seeds": recipe.seeds}
             if recipe else None,
             "finished_runs": sum(len(v["runs"]) for v in variants),
-            "planned_runs": len(recipe.variants) * len(recipe.seeds) if recipe else None}
+            "planned_runs": sum(len(recipe.seeds_of(v)) for v in recipe.variants) if recipe else None,
+            "reference": _reference(recipe, variants), "sweep": sweep}
+    info["paired"] = paired_table(variants, info["reference"]) if info["reference"] else []
     (results_dir / "results.md").write_text(format_results(variants, info))
     payload = {**info, "variants": variants}
     atomic_write_text(results_dir / "results.json", json.dumps(payload, indent=1, default=_json_default))
     plot_bench(variants, results_dir)
+    if sweep:
+        plot_sweep(sweep, results_dir / "sweep.png")
     return payload
+
+
+def _reference(recipe: Recipe | None, variants: list[dict]) -> str | None:
+    if recipe is not None:
+        return recipe.reference
+    names = [v["name"] for v in variants]
+    return "full" if "full" in names else names[0] if names else None
 
 
 def _json_default(obj: Any) -> Any:

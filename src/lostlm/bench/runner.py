@@ -1,9 +1,10 @@
 """Running a bench: every unfinished variant × seed, one ``lostlm train`` per run.
 
-Each run trains in its own folder ``<results>/runs/<variant>/seed<k>/``, by default in a fresh
-subprocess so that the measured peak RSS belongs to that run alone (RSS is per process). A run
-whose ``summary.json`` exists is skipped, so an interrupted bench resumes where it stopped
-(unfinished runs resume from their last checkpoint). ``lock`` (a file) is flocked around each
+Each run trains in its own folder ``<results>/runs/<variant>/lr<lr>-<hash>/seed<k>/`` (stage
+one of a sweep: ``sweep/`` instead of ``runs/``; the hash is :mod:`.runkey`'s), by default in a
+fresh subprocess so that the measured peak RSS belongs to that run alone (RSS is per process).
+A run whose ``summary.json`` (or ``diverged.json``) exists is skipped, so an interrupted bench
+resumes where it stopped (unfinished runs resume from their last checkpoint). ``lock`` (a file) is flocked around each
 run and around a peak measurement, so heavy jobs on a shared machine queue between runs.
 """
 
@@ -21,8 +22,9 @@ from pathlib import Path
 from ..configs import Config, save_config
 from ..errors import LostLMError
 from ..peak import cached_peak, measure_peak
-from .recipe import Recipe, run_config, run_dir
+from .recipe import Recipe, Variant, run_config, run_dir
 from .report import write_report
+from .sweep import DIVERGED, chosen_lr, pending_stage_one, run_loss, stage_one, sweep_record
 
 
 @contextlib.contextmanager
@@ -78,8 +80,76 @@ def _bench_peak(recipe: Recipe, lock: str | None) -> dict:
     return peak
 
 
-def run_bench(recipe: Recipe, lock: str | None = None, log=print) -> dict:
-    """Run every unfinished variant × seed, then write the report. Returns the results dict."""
+def _train(recipe: Recipe, variant: Variant, seed: int, lr: float | None, stage: str, peak: dict, lock: str | None,
+           log, failures: list[str]) -> None:
+    """One run, unless it is finished (or diverged): queue for the lock, train, record failures."""
+    cfg = run_config(recipe, variant, seed, peak["peak_flops_per_s"], lr=lr, stage=stage)
+    folder = Path(cfg.train.out_dir)
+    label = f"{stage}/{variant.name} lr {cfg.train.lr:g} seed {seed}"
+    if run_loss(folder) is not None:
+        log(f"  {label}: done, skipped")
+        return
+    start = time.time()
+    with _locked(lock):
+        if run_loss(folder) is not None:  # another bench finished it while we queued
+            log(f"  {label}: done meanwhile, skipped")
+            return
+        log(f"  {label}: running in {folder} ...")
+        ok, message = _run_one(cfg, folder, recipe.isolate)
+    if ok:
+        log(f"  {label}: finished in {time.time() - start:.0f} s")
+    elif "loss became" in message:  # diverged: a finished result (+inf), not retried
+        (folder / DIVERGED).write_text(json.dumps({"message": message}))
+        log(f"  {label}: DIVERGED {message}")
+    else:
+        failures.append(f"{label}: {message}")
+        log(f"  {label}: FAILED {message}")
+
+
+def _report(recipe: Recipe) -> dict:
+    if recipe.sweep is not None:
+        (recipe.results / "sweep.json").write_text(json.dumps(sweep_record(recipe), indent=1))
+    try:
+        return write_report(recipe.results, recipe)
+    except LostLMError:  # nothing finished in stage two yet
+        return {}
+
+
+def _run_sweep(recipe: Recipe, peak: dict, lock: str | None, log, failures: list[str]) -> None:
+    """Stage one: rounds of the runs that can start, until every variant has chosen (or failed)."""
+    while True:
+        pending = pending_stage_one(recipe)
+        before = len(failures)
+        for variant, lr in pending:
+            _train(recipe, variant, recipe.sweep.seed, lr, "sweep", peak, lock, log, failures)
+            _report(recipe)
+        if not pending or len(failures) > before:  # done, or a run failed: do not loop on it
+            break
+    for v in recipe.variants:
+        st = stage_one(recipe, v)
+        if "next" in st:
+            log(f"  sweep/{v.name}: stage one not finished (next lr {st['next']:g})")
+        elif st["chosen"] is None:
+            log(f"  sweep/{v.name}: every lr diverged; widen the grid downwards")
+        else:
+            edge = " AT THE EDGE of the grid after the maximum extensions" if st["at_edge"] else ""
+            log(f"  sweep/{v.name}: chosen lr {st['chosen']:g}{edge} from {len(st['points'])} points")
+
+
+def _promoted(recipe: Recipe, variant: Variant) -> bool:
+    """A one-seed variant that beat the reference at that seed (recipe.promote_seeds)."""
+    if not recipe.promote_seeds or variant.name == recipe.reference or len(recipe.seeds_of(variant)) != 1:
+        return False
+    seed = recipe.seeds_of(variant)[0]
+    ref = next(v for v in recipe.variants if v.name == recipe.reference)
+    mine = run_loss(run_dir(recipe, variant, seed, lr=chosen_lr(recipe, variant)))
+    theirs = run_loss(run_dir(recipe, ref, seed, lr=chosen_lr(recipe, ref)))
+    return mine is not None and theirs is not None and mine < theirs
+
+
+def run_bench(recipe: Recipe, lock: str | None = None, log=print, stage: str = "all") -> dict:
+    """Run every unfinished run (stage one of a sweep first, if any), then write the report.
+    ``stage``: ``all``, ``one`` (stage one only) or ``two`` (stage two only)."""
     recipe.results.mkdir(parents=True, exist_ok=True)
     if recipe.source is not None:
         (recipe.results / "recipe.yaml").write_text(recipe.source.read_text())
@@ -87,28 +157,28 @@ def run_bench(recipe: Recipe, lock: str | None = None, log=print) -> dict:
     (recipe.results / "peak.json").write_text(json.dumps(peak, indent=1))
     log(f"bench {recipe.name}: peak {peak['peak_flops_per_s'] / 1e9:.1f} GFLOP/s ({peak['dtype']}, {peak['threads']} threads); "
         f"{len(recipe.variants)} variants x {len(recipe.seeds)} seeds -> {recipe.results}")
-    failures = []
-    for seed in recipe.seeds:  # seed-major: a partial bench has every method at seed 0 first
-        for variant in recipe.variants:
-            folder = run_dir(recipe, variant, seed)
-            if (folder / "summary.json").is_file():
-                log(f"  {variant.name} seed {seed}: done, skipped")
-                continue
-            cfg = run_config(recipe, variant, seed, peak["peak_flops_per_s"])
-            start = time.time()
-            with _locked(lock):
-                if (folder / "summary.json").is_file():  # another bench finished it while we queued
-                    log(f"  {variant.name} seed {seed}: done meanwhile, skipped")
-                    continue
-                log(f"  {variant.name} seed {seed}: running ...")
-                ok, message = _run_one(cfg, folder, recipe.isolate)
-            if ok:
-                log(f"  {variant.name} seed {seed}: finished in {time.time() - start:.0f} s")
-            else:
-                failures.append(f"{variant.name} seed {seed}: {message}")
-                log(f"  {variant.name} seed {seed}: FAILED {message}")
-            write_report(recipe.results, recipe)  # partial results are always on disk
-    results = write_report(recipe.results, recipe)
+    failures: list[str] = []
+    if recipe.sweep is not None and stage in ("all", "one"):
+        _run_sweep(recipe, peak, lock, log, failures)
+    if stage in ("all", "two"):
+        lrs = {v.name: chosen_lr(recipe, v) for v in recipe.variants}
+        ready = [v for v in recipe.variants if recipe.sweep is None or lrs[v.name] is not None]
+        for v in recipe.variants:
+            if v not in ready:
+                log(f"  {v.name}: stage one has not chosen an lr yet; its stage two waits")
+        seeds = sorted({s for v in ready for s in recipe.seeds_of(v)})
+        for seed in seeds:  # seed-major: a partial bench has every variant at the first seed first
+            for variant in ready:
+                if seed in recipe.seeds_of(variant):
+                    _train(recipe, variant, seed, lrs[variant.name], "runs", peak, lock, log, failures)
+                    _report(recipe)
+        for variant in ready:
+            if _promoted(recipe, variant):
+                log(f"  {variant.name}: beat {recipe.reference} at its one seed; running seeds {recipe.promote_seeds}")
+                for seed in recipe.promote_seeds:
+                    _train(recipe, variant, seed, lrs[variant.name], "runs", peak, lock, log, failures)
+                    _report(recipe)
+    results = _report(recipe)
     if failures:
         raise LostLMError(f"{len(failures)} bench run(s) failed, first: {failures[0]}; fix it and rerun (finished runs are kept)")
     return results

@@ -1,0 +1,144 @@
+"""Learning-rate sweeps: the choice rule and grid extension on hand-made points, and a whole
+two-stage sweep on a tiny model (stage one picks, extends at an edge, stage two runs the choice
+at every seed, a rerun skips everything, the report shows the sweep and paired statistics)."""
+
+import json
+import math
+
+import pytest
+import yaml
+
+from lostlm.bench import load_recipe
+from lostlm.bench.recipe import run_config
+from lostlm.bench.runkey import key_folder, run_key
+from lostlm.bench.sweep import decide
+from lostlm.cli import main
+
+GRID = [1e-3, 2e-3, 4e-3]
+
+
+def test_interior_best_is_chosen_without_extension():
+    assert decide({1e-3: 5.0, 2e-3: 4.0, 4e-3: 4.5}, GRID, 2.0, 3) == {"chosen": 2e-3, "at_edge": False, "extensions": []}
+
+
+def test_missing_grid_points_come_first():
+    assert decide({1e-3: 5.0}, GRID, 2.0, 3) == {"next": 2e-3}
+
+
+@pytest.mark.parametrize("points, expected", [
+    ({1e-3: 5.0, 2e-3: 4.0, 4e-3: 3.0}, {"next": 8e-3}),             # best at the top: ×2
+    ({1e-3: 3.0, 2e-3: 4.0, 4e-3: 5.0}, {"next": 5e-4}),             # best at the bottom: ÷2
+    ({1e-3: 3.0, 2e-3: 4.0, 4e-3: 5.0, 5e-4: 3.5}, {"chosen": 1e-3, "at_edge": False, "extensions": [5e-4]}),
+    ({1e-3: 5.0, 2e-3: 4.0, 4e-3: 3.0, 8e-3: math.inf}, {"chosen": 4e-3, "at_edge": False, "extensions": [8e-3]}),
+])
+def test_edge_extends_until_interior(points, expected):
+    assert decide(points, GRID, 2.0, 3) == expected
+
+
+def test_extensions_stop_at_the_limit_and_flag_the_edge():
+    points = {1e-3: 5.0, 2e-3: 4.0, 4e-3: 3.0, 8e-3: 2.0}
+    assert decide(points, GRID, 2.0, 1) == {"chosen": 8e-3, "at_edge": True, "extensions": [8e-3]}
+
+
+def test_all_diverged_chooses_nothing_and_ties_go_to_the_smaller_lr():
+    assert decide({lr: math.inf for lr in GRID}, GRID, 2.0, 0)["chosen"] is None
+    assert decide({1e-3: 4.0, 2e-3: 3.0, 4e-3: 3.0, 8e-3: 5.0}, GRID, 2.0, 3)["chosen"] == 2e-3
+
+
+def _recipe(tmp_path, tiny_run, **extra):
+    recipe = {"name": "mini-sweep", "base": {"overrides": tiny_run("unused", train__steps=4, train__eval_every=4,
+                                                                   train__checkpoint_every=0)},
+              "seeds": [0, 1], "methods": ["full", "lost"], "results": str(tmp_path / "results"), "isolate": False, **extra}
+    path = tmp_path / "mini-sweep.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_run_key_changes_with_the_maths_only(tmp_path, tiny_run):
+    recipe = load_recipe(_recipe(tmp_path, tiny_run))
+    full, lost = recipe.variants
+    a = run_config(recipe, lost, 0)
+    b = run_config(recipe, lost, 1)            # another seed: same key, another folder
+    assert key_folder(a) == key_folder(b) and a.train.out_dir != b.train.out_dir
+    a.train.threads, a.train.log_every = 1, 7  # bookkeeping does not move the key
+    assert run_key(a)["hash"] == run_key(b)["hash"]
+    b.layer.gamma = 0.25                       # maths does
+    assert run_key(a)["hash"] != run_key(b)["hash"]
+    f = run_config(recipe, full, 0)            # full-rank ignores the factorised layers' knobs
+    g = run_config(recipe, full, 0)
+    g.layer.gamma = 0.25
+    assert run_key(f)["hash"] == run_key(g)["hash"]
+    assert key_folder(f).startswith("lr0.003-")
+    c = run_config(recipe, full, 0)            # cola reads no gamma/density: a LOST knob does not move it
+    c.layer.method = "cola"
+    d = run_config(recipe, full, 0)
+    d.layer.method, d.layer.gamma, d.layer.density = "cola", 0.25, 0.2
+    assert run_key(c)["hash"] == run_key(d)["hash"]
+    d.layer.rank = 4
+    assert run_key(c)["hash"] != run_key(d)["hash"]
+
+
+def test_two_stage_sweep_resumes_and_reports(tmp_path, tiny_run, capsys):
+    sweep = {"grid": [3e-4, 1e-3, 3e-3], "seed": 0, "overrides": {"train.steps": 3, "train.eval_every": 3},
+             "factor": 3, "max_extensions": 1}
+    path = _recipe(tmp_path, tiny_run, sweep=sweep)
+    assert main(["bench", str(path)]) == 0
+    results = tmp_path / "results"
+    record = json.loads((results / "sweep.json").read_text())
+    for name in ("full", "lost"):
+        v = record["variants"][name]
+        losses = {p["lr"]: p["val_loss"] for p in v["points"]}
+        assert v["done"] and set(sweep["grid"]) <= set(losses)
+        assert v["chosen_lr"] == min(losses, key=lambda lr: (losses[lr], lr))   # the rule, recomputed
+        best_at_edge = v["chosen_lr"] in (min(losses), max(losses))
+        assert v["at_edge"] == best_at_edge
+        grid_losses = {lr: losses[lr] for lr in sweep["grid"]}
+        grid_best = min(grid_losses, key=lambda lr: (grid_losses[lr], lr))
+        if grid_best == max(sweep["grid"]):       # best at the top of the grid: one point ×3 was added
+            assert v["extensions"] == [pytest.approx(grid_best * 3)]
+        elif grid_best == min(sweep["grid"]):
+            assert v["extensions"] == [pytest.approx(grid_best / 3)]
+        else:
+            assert v["extensions"] == []
+        # stage one ran the short budget; stage two the chosen lr at both seeds with the full one
+        for p in v["points"]:
+            folder = next((results / "sweep" / name).glob(f"lr{p['lr']:.3g}-*/seed0"))
+            assert json.loads((folder / "summary.json").read_text())["step"] == 3
+        for seed in (0, 1):
+            folder = next((results / "runs" / name).glob(f"lr{v['chosen_lr']:.3g}-*/seed{seed}"))
+            assert json.loads((folder / "summary.json").read_text())["step"] == 4
+    table = (results / "results.md").read_text()
+    assert "Learning-rate sweep" in table and "Paired difference" in table and "| lost |" in table
+    assert (results / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((results / "results.json").read_text())
+    (pair,) = data["paired"]
+    assert pair["variant"] == "lost" and pair["seeds"] == [0, 1]
+    loss = {v["name"]: {r["seed"]: r["summary"]["val_loss"] for r in v["runs"]} for v in data["variants"]}
+    assert pair["diffs"] == pytest.approx([loss["lost"][s] - loss["full"][s] for s in (0, 1)])
+    capsys.readouterr()
+    assert main(["bench", str(path)]) == 0  # everything is done: nothing runs again
+    out = capsys.readouterr().out
+    assert ": running in " not in out and out.count("done, skipped") == 2 * 2
+    assert out.count("sweep/full: chosen lr") == out.count("sweep/lost: chosen lr") == 1
+
+
+def test_code_fingerprint_follows_what_each_method_reaches(tmp_path):
+    """Editing the random factor init (CoLA/lowrank's) moves cola, lowrank and sltrain to new keys, not
+    lost or full; a docstring or comment edit moves nothing."""
+    from lostlm.bench import runkey
+
+    for name in (*runkey.SHARED_MODULES, *runkey.METHOD_MODULES):
+        (tmp_path / name).write_text((runkey.PACKAGE / name).read_text())
+    methods = ("full", "galore", "lost", "lowrank-svd", "cola", "lowrank", "sltrain")
+    before = {m: runkey.code_fingerprint(m, tmp_path) for m in methods}
+    layers = tmp_path / "layers.py"
+    text = layers.read_text()
+    layers.write_text(text.replace("def random_factors(", "# a comment\ndef random_factors(", 1))
+    assert {m: runkey.code_fingerprint(m, tmp_path) for m in methods} == before
+    marker = "def random_factors("
+    head, tail = text.split(marker, 1)
+    body_start = tail.index(":\n") + 2
+    layers.write_text(head + marker + tail[:body_start] + "    std = std * 2\n" + tail[body_start:])
+    after = {m: runkey.code_fingerprint(m, tmp_path) for m in methods}
+    moved = {m for m in methods if after[m] != before[m]}
+    assert moved == {"cola", "lowrank", "lowrank-svd", "sltrain"}  # lowrank-svd shares LowRankLinear
