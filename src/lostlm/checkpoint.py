@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from . import statecodec
@@ -45,7 +45,7 @@ from .weights import load_strict, state_for_saving, tied_head_names
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
-REQUIRED_KEYS = ("step",)
+REQUIRED_KEYS = ("step", "optimizer")
 
 
 def warn(message: str) -> None:
@@ -172,9 +172,10 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def verify(ckpt: Path) -> dict[str, Any]:
-    """The checkpoint's state after checking its keys and the sha256 of each file it records;
-    a one-line LostLMError naming the first problem. (Checkpoints written before checksums
-    existed have no ``files`` entry and are not checked.)"""
+    """The checkpoint's state after checking its keys, the sha256 of each file it records, and
+    the optimizer entry's structure (a dry decode against the tensor shapes of the optimizer
+    file, on the meta device: no memory, nothing imported); a one-line LostLMError naming the
+    first problem. (Checkpoints written before checksums existed have no ``files`` entry.)"""
     state = read_state(ckpt)
     files = state.get("files", {})
     if not isinstance(files, dict):
@@ -187,7 +188,17 @@ def verify(ckpt: Path) -> dict[str, Any]:
             raise LostLMError(f"checkpoint {ckpt}: {name} is missing")
         if sha256_file(path) != expected:
             raise LostLMError(f"checkpoint {ckpt}: {name} does not match its recorded sha256 (damaged on disk)")
+    statecodec.decode(state["optimizer"], _meta_tensors(Path(ckpt) / OPTIMIZER_FILE, ckpt), f"checkpoint {ckpt}: optimizer state")
     return state
+
+
+def _meta_tensors(path: Path, ckpt: Path) -> dict[str, torch.Tensor]:
+    """Shape-only (meta) stand-ins of a safetensors file's tensors, read from its header."""
+    try:
+        with safe_open(str(path), "pt") as fh:
+            return {name: torch.empty(fh.get_slice(name).get_shape(), device="meta") for name in fh.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise LostLMError(f"checkpoint {ckpt}: {path.name} is unreadable ({str(exc).splitlines()[0][:120]})") from None
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
@@ -216,7 +227,7 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 def read_state(ckpt: Path) -> dict[str, Any]:
     try:
         state = json.loads((Path(ckpt) / STATE_FILE).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise LostLMError(f"checkpoint {ckpt}: {STATE_FILE} is unreadable ({exc.__class__.__name__}: {exc})") from None
     if not isinstance(state, dict):
         raise LostLMError(f"checkpoint {ckpt}: {STATE_FILE} is not a JSON object")
@@ -243,10 +254,11 @@ def load_optimizer_state(ckpt: Path, state: dict[str, Any]) -> tuple[dict[str, A
     except (OSError, SafetensorError) as exc:
         raise LostLMError(f"checkpoint {ckpt} has no readable {OPTIMIZER_FILE} ({exc}); "
                           "delete the folder to fall back to the previous checkpoint") from None
-    if "optimizer" not in state:
-        raise LostLMError(f"checkpoint {ckpt}: {STATE_FILE} has no 'optimizer' entry")
     rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
-    return statecodec.decode(state["optimizer"], tensors, f"checkpoint {ckpt}: optimizer state"), rng
+    optimizer = statecodec.decode(state["optimizer"], tensors, f"checkpoint {ckpt}: optimizer state")
+    if not isinstance(optimizer, dict):
+        raise LostLMError(f"checkpoint {ckpt}: the optimizer state is not a dict; the checkpoint is damaged")
+    return optimizer, rng
 
 
 def load_weights_into(model: torch.nn.Module, model_state: dict[str, torch.Tensor], source: Path) -> None:

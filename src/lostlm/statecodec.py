@@ -116,7 +116,7 @@ def _decode_tensor(obj: dict, tensors: dict[str, torch.Tensor], where: str) -> t
     span = 1 + sum((n - 1) * s for n, s in zip(tensor.shape, stride)) if ok and tensor.numel() else 0
     if not ok or span > max(tensor.shape, default=1) ** tensor.dim():
         raise LostLMError(f"{where} has an invalid stride {str(stride)[:60]} for tensor {name}; the checkpoint is damaged")
-    return torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype).copy_(tensor)
+    return torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype, device=tensor.device).copy_(tensor)
 
 
 def _decode_projector(fields: dict, tensors: dict[str, torch.Tensor], where: str, depth: int) -> Any:

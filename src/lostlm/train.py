@@ -163,11 +163,19 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state = ckpt_io.read_state(path)
+        bad = [k for k, kind in (("data", dict), ("tokens", int)) if not isinstance(state.get(k), kind)]
+        if bad:
+            raise LostLMError(f"checkpoint {path}: state.json has no valid {bad[0]!r} entry; it is damaged or "
+                              "not a training checkpoint; move it away to fall back to the previous one")
         ckpt_io.load_weights_into(self.model, ckpt_io.load_model_state(path), path)
         optimizer_state, rng = ckpt_io.load_optimizer_state(path, state)
         self._optimizer_state = (optimizer_state, path)  # loaded after wrapping, in __init__
         ckpt_io.restore_rng(rng)
-        self.data.load_state_dict(state["data"])
+        try:
+            self.data.load_state_dict(state["data"])
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise LostLMError(f"checkpoint {path}: its data position does not fit this data ({exc.__class__.__name__}); "
+                              "it is damaged or from another corpus") from None
         self.step = state["step"]
         self.tokens_seen = state["tokens"]
         self.train_seconds = state.get("train_seconds", 0.0)
@@ -181,7 +189,7 @@ class Trainer:
                 load_full_optimizer_state(self.model, self.optimizer, optimizer_state)
             else:
                 self.optimizer.load_state_dict(optimizer_state)
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
             raise LostLMError(f"checkpoint {path} has optimizer state that does not fit ({exc}); "
                               "it was made with a different layer.method or model") from None
 
