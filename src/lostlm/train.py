@@ -274,11 +274,11 @@ class Trainer:
 
     def save(self) -> Path | None:
         """Checkpoint this step (once: a step already saved is not written again)."""
-        final = self.run_dir / "checkpoints" / f"step_{self.step:08d}"
-        if self._saved_step == self.step and final.is_dir():
-            return final
+        if self._saved_step == self.step:  # the same decision on every process (the gather is collective)
+            return self.run_dir / "checkpoints" / f"step_{self.step:08d}"
         model_state, optimizer_state = self._state_dicts()
         if not self.env.is_main:
+            self._saved_step = self.step
             return None
         state = {"data": self.data.state_dict(), "tokens": self.tokens_seen, "train_seconds": self.train_seconds,
                  "bad_steps": self.bad_steps, "config": self.cfg.to_dict(), "world_size": self.env.world_size}
