@@ -526,7 +526,11 @@ def main() -> None:
         sys.exit(child(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(GROUPS), action="append")
+    parser.add_argument("--counts", action="store_true", help="only rewrite counts.json from trials.jsonl")
     args = parser.parse_args()
+    if args.counts:
+        print(json.dumps(write_counts(), indent=1))
+        return
     sys.path.insert(0, str(ROOT / "src"))
     corpus, ref, duration = setup()
     rec = Recorder()
