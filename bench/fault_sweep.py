@@ -107,12 +107,15 @@ def child(argv: list[str]) -> int:
 # -- helpers --------------------------------------------------------------------------------
 
 def run_child(args: list[str], fault: dict | None = None, timeout: float = 600, kill_after: float | None = None,
-              kill_signal: int = signal.SIGKILL) -> subprocess.CompletedProcess:
+              kill_signal: int = signal.SIGKILL, after_first_metrics: Path | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "LOSTLM_SWEEP_FAULT": json.dumps(fault or {})}
     proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     if kill_after is not None:
+        if after_first_metrics is not None:  # start the clock when training has begun
+            while proc.poll() is None and not (after_first_metrics / "metrics.jsonl").is_file():
+                time.sleep(0.05)
         try:
             out, err = proc.communicate(timeout=kill_after)
             return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
@@ -212,7 +215,8 @@ def setup() -> tuple[Path, Path, float]:
 def group_signals(rec: Recorder, corpus: Path, ref: Path, duration: float) -> None:
     rng = random.Random(0)
     for name in ("SIGKILL", "SIGTERM", "SIGINT"):
-        plans = [("random", {"delay": round(rng.uniform(0.3, 1.0) * duration, 2)}) for _ in range(5)]
+        # random moments inside the training loop: counted from the first metrics line
+        plans = [("random", {"delay": round(rng.uniform(0.0, 8.0), 2)}) for _ in range(5)]
         plans += [("save", {"n": n}) for n in (1, 2, 3)] + [("eval", {"n": n}) for n in (2, 3)]
         for i, (kind, plan) in enumerate(plans):
             trial = f"signals-{name}-{i}-{kind}"
@@ -222,11 +226,12 @@ def group_signals(rec: Recorder, corpus: Path, ref: Path, duration: float) -> No
             shutil.rmtree(out, ignore_errors=True)
             args = tiny_args(out, corpus)
             if kind == "random":
-                first = run_child(args, kill_after=plan["delay"], kill_signal=getattr(signal, name))
+                first = run_child(args, kill_after=plan["delay"], kill_signal=getattr(signal, name), after_first_metrics=out)
             else:
                 first = run_child(args, {"kind": kind, "n": plan["n"], "signal": name})
             finished = first.returncode == 0
-            stopped_ok = (first.returncode == -9) if name == "SIGKILL" else (finished or clean_error(first))
+            # SIGTERM before the loop installs its handler (start-up) ends the process (-15): nothing to save yet
+            stopped_ok = first.returncode == -9 if name == "SIGKILL" else (finished or clean_error(first) or first.returncode == -15)
             second = run_child(args)
             ok, why = same_run(out, ref) if second.returncode == 0 else (False, second.stderr[-400:])
             rec.add(trial, "signals", ok and stopped_ok and "Traceback" not in first.stderr, signal=name, kind=kind, **plan,
@@ -277,6 +282,12 @@ def group_state(rec: Recorder, corpus: Path, ref: Path) -> None:
         else:
             text = "{not json" if key == "not-json" else "[1, 2]"
         (ckpt / "state.json").write_text(text)
+        if key in ("missing-data", "data-wrong-type"):  # eval does not need the data position: a resume does
+            proc = run_child(tiny_args(out, corpus))
+            rec.add(trial, "state", clean_error(proc) and "'data'" in proc.stderr and marker.is_file(), rc=proc.returncode,
+                    err=proc.stderr.strip()[-300:])
+            shutil.rmtree(out, ignore_errors=True)
+            continue
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "eval", str(out)], cwd=out,
                               capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src"),
                                                                    "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})

@@ -115,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     except LostLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the environment, not the code: disk full, permissions, a vanished file
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}; free disk space or fix the path/permissions and run again", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:  # outside the training loop (which saves and stops cleanly itself)
         print("error: interrupted; nothing was being saved, run the same command again", file=sys.stderr)
         return 130
