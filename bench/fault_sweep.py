@@ -101,6 +101,8 @@ def child(argv: list[str]) -> int:
                     raise OSError(28, "No space left on device")
             real(tensors, path, metadata=metadata)
         checkpoint.save_file = save_file
+    if argv[:1] == ["--batch"]:
+        return child_batch(argv[1])
     return cli.main(argv)
 
 
@@ -487,12 +489,50 @@ def input_cases(corpus: Path, ref: Path) -> list[tuple[str, list[str], str]]:
     return cases
 
 
+def child_batch(path: str) -> int:
+    """Run many argv lists through ``lostlm.cli.main`` in one interpreter (start-up is most of the
+    cost of a config error); an exception escaping main() is recorded as a traceback."""
+    import contextlib
+    import io
+    import traceback
+
+    from lostlm import cli
+
+    results = []
+    for argv in json.loads(Path(path).read_text()):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            try:
+                code = cli.main(argv)
+            except SystemExit as exc:  # argparse
+                code = exc.code if isinstance(exc.code, int) else 2
+            except BaseException:  # noqa: BLE001 - a traceback is what is being counted
+                traceback.print_exc()
+                code = 1
+        results.append({"rc": code, "stderr": err.getvalue()})
+    Path(path).write_text(json.dumps(results))
+    return 0
+
+
+BATCHED = ("value-", "flag-", "file-", "cmd-")
+
+
 def group_inputs(rec: Recorder, corpus: Path, ref: Path) -> None:
-    for trial_name, argv, expect in input_cases(corpus, ref):
+    cases = [c for c in input_cases(corpus, ref) if not rec.skip(f"inputs-{c[0]}")]
+    batch = [c for c in cases if c[0].startswith(BATCHED)]
+    answers = {}
+    if batch:
+        listing = WORK / "batch.json"
+        listing.write_text(json.dumps([argv for _, argv, _ in batch]))
+        done = run_child(["--batch", str(listing)])
+        if done.returncode == 0:
+            answers = {c[0]: subprocess.CompletedProcess([], r["rc"], "", r["stderr"])
+                       for c, r in zip(batch, json.loads(listing.read_text()))}
+    for trial_name, argv, expect in cases:
         trial = f"inputs-{trial_name}"
         if rec.skip(trial):
             continue
-        proc = run_child(argv)
+        proc = answers.get(trial_name) or run_child(argv)
         traceback = "Traceback" in proc.stderr
         warned = any(line.startswith("warning:") for line in proc.stderr.splitlines())
         if expect == "error":
