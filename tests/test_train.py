@@ -79,9 +79,9 @@ def test_z_loss_is_logged_and_changes_the_update(tiny_run):
 def test_checkpoint_from_a_different_config_is_refused(tiny_run):
     Trainer(load_config(None, tiny_run("run", train__steps=3))).train()
     with pytest.raises(LostLMError, match=r"holds a run with a different config \(layer.method: 'lost' -> 'full'\)"):
-        Trainer(load_config(None, tiny_run("run", layer__method="full")))
+        Trainer(load_config(None, tiny_run("run", layer__method="full", train__steps=3)))
     with pytest.raises(LostLMError, match="already holds a checkpoint"):
-        Trainer(load_config(None, tiny_run("run", train__resume="never")))
+        Trainer(load_config(None, tiny_run("run", train__resume="never", train__steps=3)))
 
 
 def run_cli(args, capsys):

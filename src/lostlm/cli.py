@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -75,7 +76,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(Path(args.path), args.overrides)
-    print(json.dumps(result, indent=1))
+    finite = all(math.isfinite(v) for v in result.values() if isinstance(v, float))
+    # Strict JSON: a non-finite number is printed as null, and the exit status says it failed.
+    print(json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in result.items()}, indent=1))
+    if not finite:
+        raise LostLMError(f"the validation loss of {result['checkpoint']} is not finite; the weights are damaged "
+                          "or diverged: evaluate an earlier checkpoint (checkpoints/step_*)")
     return 0
 
 
@@ -109,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     except LostLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the environment, not the code: disk full, permissions, a vanished file
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}; free disk space or fix the path/permissions and run again", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # outside the training loop (which saves and stops cleanly itself)
+        print("error: interrupted; nothing was being saved, run the same command again", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import yaml
 
 from . import registry
 from .errors import LostLMError
+from .validation import validate
 
 # Valid layer.method values: a live view of lostlm.registry, which lostlm.methods fills (configs
 # sits below the methods and layers, so it reads the names from that table instead of importing
@@ -214,6 +215,9 @@ class TrainConfig:
     """Under torchrun: ddp or fsdp (FSDP2 fully_shard)."""
     peak_flops: float | None = None
     """Peak FLOP/s for MFU. None: measured once with a matmul benchmark and cached."""
+    max_bad_steps: int = 3
+    """Consecutive steps with a non-finite loss or gradient norm that are skipped (no update,
+    recorded in metrics.jsonl) before the run stops with an error; 0 stops at the first."""
 
 
 @dataclass
@@ -237,7 +241,7 @@ class Config:
     reweight: ReweightConfig = field(default_factory=ReweightConfig)
 
     def __post_init__(self) -> None:
-        validate(self)
+        validate(self, PRESETS)
         if self.train.out_dir is None:
             self.train.out_dir = f"runs/{self.layer.method}-{self.model.preset}"
 
@@ -258,69 +262,6 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# ----------------------------------------------------------------------------------------
-# validation
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise LostLMError(message)
-
-
-def _choice(section: str, key: str, value: Any, options: tuple[str, ...]) -> None:
-    _require(value in options, f"config {section}.{key}={value!r} is not valid; use one of: {', '.join(options)}")
-
-
-def validate(cfg: Config) -> None:
-    m, layer, d, t, rw = cfg.model, cfg.layer, cfg.data, cfg.train, cfg.reweight
-    _choice("model", "preset", m.preset, tuple(PRESETS))
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "num_layers"):
-        value = getattr(m, key)
-        _require(value is None or value > 0, f"config model.{key}={value} must be a positive integer")
-    rm = cfg.resolved_model()
-    _require(rm.hidden_size % rm.num_heads == 0,
-             f"config model.hidden_size={rm.hidden_size} is not divisible by model.num_heads={rm.num_heads}; pick sizes that divide")
-    _require(rm.num_heads % rm.num_kv_heads == 0,
-             f"config model.num_heads={rm.num_heads} is not a multiple of model.num_kv_heads={rm.num_kv_heads}")
-    _require((rm.hidden_size // rm.num_heads) % 2 == 0, "config model: head size (hidden_size/num_heads) must be even for RoPE")
-    _choice("layer", "method", layer.method, METHODS)
-    _require(cfg.resolved_rank() > 0, f"config layer.rank={layer.rank} must be a positive integer")
-    _require(0.0 < layer.density <= 1.0, f"config layer.density={layer.density} must be in (0, 1]; typical values are 0.01-0.05")
-    _require(0.0 <= layer.gamma <= 1.0, f"config layer.gamma={layer.gamma} must be in [0, 1]")
-    _choice("layer", "activation", layer.activation, ("silu", "identity"))
-    _choice("layer", "channel_score", layer.channel_score, ("l2", "l1", "random"))
-    _choice("layer", "sparse_axis", layer.sparse_axis, ("input", "output"))
-    _choice("layer", "sparse_init", layer.sparse_init, ("residual", "original"))
-    _choice("layer", "svd_dtype", layer.svd_dtype, ("float32", "float64"))
-    _require(layer.svd_window is None or layer.svd_window > 0, "config layer.svd_window must be a positive integer or null")
-    _require(len(layer.targets) > 0, "config layer.targets is empty; list module names such as q_proj")
-    _choice("data", "source", d.source, ("default", "files", "hf"))
-    _require(d.source != "files" or len(d.paths) > 0, "config data.source=files needs data.paths (files or globs)")
-    _require(d.seq_len >= 2, f"config data.seq_len={d.seq_len} must be at least 2")
-    _require(0.0 < d.val_fraction < 1.0, f"config data.val_fraction={d.val_fraction} must be in (0, 1)")
-    _require(d.val_tokens >= d.seq_len, f"config data.val_tokens={d.val_tokens} must be at least data.seq_len={d.seq_len}")
-    _require(d.bpe_vocab_size >= 300, f"config data.bpe_vocab_size={d.bpe_vocab_size} must be at least 300 (256 bytes + specials)")
-    _require(t.steps > 0, f"config train.steps={t.steps} must be positive")
-    _require(t.batch_size > 0, f"config train.batch_size={t.batch_size} must be positive")
-    _require(t.micro_batch_size is None or (t.micro_batch_size > 0 and t.batch_size % t.micro_batch_size == 0),
-             f"config train.micro_batch_size={t.micro_batch_size} must divide train.batch_size={t.batch_size}")
-    _require(t.lr > 0, f"config train.lr={t.lr} must be positive")
-    _require(0.0 <= t.min_lr_ratio <= 1.0, f"config train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
-    _require(t.warmup_steps is None or 0 <= t.warmup_steps <= t.steps,
-             f"config train.warmup_steps={t.warmup_steps} must be between 0 and train.steps={t.steps}")
-    _require(t.grad_clip >= 0 and t.z_loss >= 0 and t.weight_decay >= 0, "config train.grad_clip, z_loss and weight_decay must be >= 0")
-    _require(t.eval_every > 0 and t.log_every > 0 and t.checkpoint_every >= 0 and t.keep_checkpoints > 0,
-             "config train.eval_every, log_every and keep_checkpoints must be positive, checkpoint_every >= 0")
-    _choice("train", "precision", t.precision, ("auto", "bf16", "fp32"))
-    _choice("train", "resume", t.resume, ("auto", "never"))
-    _choice("train", "device", t.device, ("auto", "cpu", "cuda"))
-    _choice("train", "parallel", t.parallel, ("ddp", "fsdp"))
-    _choice("reweight", "strategy", rw.strategy, ("uniform", "linupper", "quadratic", "extremes"))
-    _require(rw.temperature > 0, f"config reweight.temperature={rw.temperature} must be positive")
-    _require(rw.delta > 0, f"config reweight.delta={rw.delta} must be positive")
-    _require(rw.warmup_steps >= 0, "config reweight.warmup_steps must be >= 0")
 
 
 # ----------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ def locate(path: Path) -> tuple[Path, Path]:
     path = Path(path)
     if not path.exists():
         raise LostLMError(f"{path} does not exist; pass a run folder (train.out_dir) or a checkpoints/step_* folder")
-    ckpt = ckpt_io.latest_checkpoint(path)
+    ckpt = ckpt_io.find_checkpoint(path)  # verified; a damaged newest one falls back with a warning
     if ckpt is None:
         raise LostLMError(f"{path} holds no checkpoint; train first (lostlm train) or pass a checkpoints/step_* folder")
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else path

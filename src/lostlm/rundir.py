@@ -4,25 +4,39 @@ A run folder (``train.out_dir``) holds ``config.yaml``, ``tokenizer/``, ``metric
 ``checkpoints/`` (see :mod:`lostlm.checkpoint`), ``summary.json`` and ``curves.png``. Running
 the same command again continues the run from its latest checkpoint, provided the config
 differs at most in :data:`OPERATIONAL_KEYS` (which do not change the math); anything else is
-refused, so a folder never mixes two different runs.
+refused, so a folder never mixes two different runs. The trainer holds the folder's lock
+(:mod:`lostlm.runlock`) while it checks and writes, so two trainers never interleave.
+
+``metrics.jsonl`` is strict JSON, one object a line: a non-finite number is written as
+``null`` (a skipped step's loss, for instance). A damaged line (a partial last line after a
+crash, or anything that does not parse) is dropped with a one-line warning when the run resumes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 from . import checkpoint as ckpt_io
 from .configs import Config, read_config_file, save_config
 from .errors import LostLMError
+from .optim import lr_at
 from .runtime import atomic_write_text
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 
-# Keys that may change between a checkpoint and its resume (they do not change the math).
-OPERATIONAL_KEYS = {"train": {"steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "out_dir",
-                              "resume", "device", "threads", "progress", "compile", "peak_flops"},
+# Keys that may change between a checkpoint and its resume: they cannot change a single number
+# of the model or of its training metrics. Not here, on purpose: train.steps (the warmup and
+# cosine schedule depend on it), train.threads (intra-op parallel reductions sum in another
+# order), train.device and train.compile (other kernels, other rounding), train.max_bad_steps
+# (decides whether a run stops). train.steps is a special case (see steps_change_is_safe):
+# it may change when the learning rate of every step already taken stays the same.
+OPERATIONAL_KEYS = {"train": {"eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "out_dir",
+                              "resume", "progress", "peak_flops"},
                     "data": {"cache_dir"}}
 
 
@@ -33,18 +47,32 @@ def significant_differences(saved: dict, current: dict) -> list[str]:
         for key, value in values.items():
             if key in OPERATIONAL_KEYS.get(section, set()):
                 continue
-            old = saved.get(section, {}).get(key)
+            old_values = saved.get(section)
+            old = old_values.get(key) if isinstance(old_values, dict) else None
             if old != value:
                 diffs.append(f"{section}.{key}: {old!r} -> {value!r}")
     return diffs
 
 
-def check_config(run_dir: Path, cfg: Config) -> None:
-    """Refuse a folder that holds a run with a significantly different config."""
+def steps_change_is_safe(old_steps, cfg: Config, done: int) -> bool:
+    """A new train.steps keeps the run exact when the schedule of the ``done`` steps is unchanged."""
+    if not isinstance(old_steps, int) or old_steps <= 0:
+        return False
+    old = SimpleNamespace(train=dataclasses.replace(cfg.train, steps=old_steps))
+    return all(lr_at(i, old) == lr_at(i, cfg) for i in range(done))
+
+
+def check_config(run_dir: Path, cfg: Config, done: int = 0) -> None:
+    """Refuse a folder that holds a run with a significantly different config (``done``: the
+    steps its checkpoint has taken)."""
     config_file = Path(run_dir) / CONFIG_FILE
     if not config_file.is_file():
         return
-    diffs = significant_differences(read_config_file(config_file), cfg.to_dict())
+    saved = read_config_file(config_file)
+    diffs = significant_differences(saved, cfg.to_dict())
+    old_steps = saved.get("train", {}).get("steps") if isinstance(saved.get("train"), dict) else None
+    if any(d.startswith("train.steps:") for d in diffs) and steps_change_is_safe(old_steps, cfg, done):
+        diffs = [d for d in diffs if not d.startswith("train.steps:")]
     if diffs:
         raise LostLMError(f"train.out_dir={run_dir} holds a run with a different config ({diffs[0]}"
                           f"{f' and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); "
@@ -54,8 +82,8 @@ def check_config(run_dir: Path, cfg: Config) -> None:
 def checkpoint_to_resume(run_dir: Path, cfg: Config) -> Path | None:
     """The checkpoint this run continues from (None: a fresh start), after the config check
     and ``train.resume`` (``never`` refuses a folder that already holds a checkpoint)."""
-    latest = ckpt_io.latest_checkpoint(run_dir)
-    check_config(run_dir, cfg)
+    latest = ckpt_io.find_checkpoint(run_dir)
+    check_config(run_dir, cfg, ckpt_io.read_state(latest)["step"] if latest is not None else 0)
     if latest is not None and cfg.train.resume == "never":
         raise LostLMError(f"train.out_dir={run_dir} already holds a checkpoint ({latest.name}); "
                           "use another train.out_dir, or train.resume=auto to continue it")
@@ -71,16 +99,41 @@ def write_run_files(run_dir: Path, cfg: Config, tokenizer, step: int) -> None:
     trim_metrics(run_dir, step)
 
 
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The records of ``metrics.jsonl``; damaged lines are dropped with a one-line warning."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            ckpt_io.warn(f"{path} line {number} is damaged (a write cut short by a crash?); dropped")
+            continue
+        records.append(record)
+    return records
+
+
 def trim_metrics(run_dir: Path, step: int) -> None:
-    """After a resume, drop log lines from steps the checkpoint does not contain."""
+    """After a resume, drop log lines from steps the checkpoint does not contain (and damaged ones)."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
+    kept = [r for r in read_metrics(run_dir) if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(r, allow_nan=False) + "\n" for r in kept))
+
+
+def _finite_or_null(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
-    """Add one JSON line to the run's metrics log."""
+    """Add one strict-JSON line to the run's metrics log (non-finite numbers become null)."""
+    line = json.dumps({k: _finite_or_null(v) for k, v in record.items()}, allow_nan=False)
     with open(Path(run_dir) / METRICS_FILE, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+        fh.write(line + "\n")

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -34,6 +36,8 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt_io
 from . import methods, rundir
+from .runlock import RunLock
+from .validation import check_threads
 from .build import build_model
 from .configs import Config
 from .data import build_data
@@ -49,16 +53,34 @@ from .summary import Session, build_summary, format_summary, write_summary
 __all__ = ["Trainer", "format_summary"]
 
 
-def _raise_keyboard_interrupt(signum, frame):
-    raise KeyboardInterrupt
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-def _interrupt_on_sigterm():
-    """Treat SIGTERM (a scheduler's pre-emption, ``kill``) like Ctrl-C: save, then stop.
-    Returns the previous handler, or None off the main thread where handlers cannot be set."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+class StopFlag:
+    """SIGTERM (a scheduler's pre-emption, ``kill``) and SIGINT (Ctrl-C) only set a flag: the loop
+    saves at the next consistent point (after the whole step, its logging and the evaluation in
+    progress) and stops, so the checkpoint is one that an uninterrupted run also passes through.
+    A second signal exits at once (status 128+signal): every file is written atomically, so
+    nothing is corrupted, and the run resumes from its last checkpoint."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.previous: dict[int, object] = {}
+
+    def handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            os.write(2, f"error: second {signal.Signals(signum).name}: stopped at once; resume from the last checkpoint\n".encode())
+            os._exit(128 + signum)
+        self.signum = signum
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # handlers can be set there only
+            self.previous = {s: signal.signal(s, self.handle) for s in STOP_SIGNALS}
+
+    def restore(self) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        self.previous = {}
 
 
 class Trainer:
@@ -70,12 +92,28 @@ class Trainer:
         refusal = methods.get(cfg.layer.method).no_fsdp
         if t.parallel == "fsdp" and refusal:
             raise LostLMError(f"layer.method={cfg.layer.method} {refusal}")
+        check_threads(t.threads)
         if t.threads:
             torch.set_num_threads(t.threads)
         self.env = init_distributed(device_kind(t.device))
         self.device = resolve_device(t.device, self.env.local_rank)
         self._set_batch_sizes()
         self.run_dir = Path(t.out_dir)
+        # One writer per run folder, held for the trainer's life (released by close() / at exit).
+        self.lock = RunLock(self.run_dir).acquire() if self.env.is_main else None
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (the trainer cannot save any more)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _build(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
         self.amp_dtype = autocast_dtype(t.precision, self.device)
         self._autocast = autocast_context(self.device, self.amp_dtype)
 
@@ -86,6 +124,9 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
+        self.bad_steps = 0  # consecutive skipped (non-finite) steps, part of the checkpoint
+        self._saved_step = None
+        self.stop = StopFlag()
         self._optimizer_state = None
         self._resume_or_start()  # weights now, the optimizer's state once it exists
         self.train_model = wrap_for_training(self.model, self.env, self.device, t.parallel, t.compile)
@@ -122,14 +163,24 @@ class Trainer:
 
     def _restore(self, path: Path) -> None:
         state = ckpt_io.read_state(path)
+        bad = [k for k, kind in (("data", dict), ("tokens", int)) if not isinstance(state.get(k), kind)]
+        if bad:
+            raise LostLMError(f"checkpoint {path}: state.json has no valid {bad[0]!r} entry; it is damaged or "
+                              "not a training checkpoint; move it away to fall back to the previous one")
         ckpt_io.load_weights_into(self.model, ckpt_io.load_model_state(path), path)
         optimizer_state, rng = ckpt_io.load_optimizer_state(path, state)
         self._optimizer_state = (optimizer_state, path)  # loaded after wrapping, in __init__
         ckpt_io.restore_rng(rng)
-        self.data.load_state_dict(state["data"])
+        try:
+            self.data.load_state_dict(state["data"])
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise LostLMError(f"checkpoint {path}: its data position does not fit this data ({exc.__class__.__name__}); "
+                              "it is damaged or from another corpus") from None
         self.step = state["step"]
         self.tokens_seen = state["tokens"]
         self.train_seconds = state.get("train_seconds", 0.0)
+        self.bad_steps = state.get("bad_steps", 0)
+        self._saved_step = self.step
 
     def _load_optimizer_state(self, optimizer_state: dict, path: Path) -> None:
         try:
@@ -138,7 +189,7 @@ class Trainer:
                 load_full_optimizer_state(self.model, self.optimizer, optimizer_state)
             else:
                 self.optimizer.load_state_dict(optimizer_state)
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as exc:
             raise LostLMError(f"checkpoint {path} has optimizer state that does not fit ({exc}); "
                               "it was made with a different layer.method or model") from None
 
@@ -169,6 +220,14 @@ class Trainer:
             if self.cfg.reweight.strategy != "uniform":
                 spread = weight_stats(weights)
         grad_norm = self._clip_gradients()
+        if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+            # Checked before the update: a non-finite step changes no weight and no optimizer
+            # state; the batch is consumed and the step counted, so resume stays exact.
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            self.bad_steps += 1
+            return {"loss": loss_sum / self.accumulation, "lr": lr, "grad_norm": grad_norm, "skipped": 1}
+        self.bad_steps = 0
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -214,13 +273,19 @@ class Trainer:
         return evaluate_loss(self.train_model, batches, self.device, self._autocast, self.env.world_size > 1)
 
     def save(self) -> Path | None:
+        """Checkpoint this step (once: a step already saved is not written again)."""
+        if self._saved_step == self.step:  # the same decision on every process (the gather is collective)
+            return self.run_dir / "checkpoints" / f"step_{self.step:08d}"
         model_state, optimizer_state = self._state_dicts()
         if not self.env.is_main:
+            self._saved_step = self.step
             return None
         state = {"data": self.data.state_dict(), "tokens": self.tokens_seen, "train_seconds": self.train_seconds,
-                 "config": self.cfg.to_dict(), "world_size": self.env.world_size}
-        return ckpt_io.save_checkpoint(self.run_dir, self.step, model_state, optimizer_state, state,
+                 "bad_steps": self.bad_steps, "config": self.cfg.to_dict(), "world_size": self.env.world_size}
+        path = ckpt_io.save_checkpoint(self.run_dir, self.step, model_state, optimizer_state, state,
                                        keep=self.cfg.train.keep_checkpoints)
+        self._saved_step = self.step
+        return path
 
     def _state_dicts(self):
         if self.cfg.train.parallel == "fsdp":  # name-keyed optimizer state, also for one process
@@ -236,26 +301,42 @@ class Trainer:
 
     def train(self) -> dict:
         """Run to ``train.steps``, then evaluate, write summary.json and curves.png."""
+        try:
+            return self._train()
+        finally:
+            self.close()
+
+    def _train(self) -> dict:
         progress = self._progress_bar()
         session, last_eval = Session(), None
-        previous_handler = _interrupt_on_sigterm()
+        self.stop.install()
         try:
             while self.step < self.cfg.train.steps:
                 stats, elapsed = self._timed_step(session)
                 last_eval = self._after_step(stats, elapsed, last_eval, progress)
-        except KeyboardInterrupt:
-            if progress is not None:
-                progress.close()
+                if self._stop_requested():
+                    path = self.save()
+                    name = signal.Signals(self.stop.signum or signal.SIGTERM).name
+                    raise LostLMError(f"interrupted at step {self.step} ({name}); saved {path}; run the same command to resume")
+        except KeyboardInterrupt:  # raised by code, or off the main thread where no handler is set
             path = self.save()
             raise LostLMError(f"interrupted at step {self.step}; saved {path}; run the same command to resume") from None
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
-        if progress is not None:
-            progress.close()
+            self.stop.restore()
+            if progress is not None:
+                progress.close()
         if last_eval is None:
             last_eval = self.evaluate()
         return self._summarise(last_eval, session)
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop signal arrived (on any process: all stop at the same step)."""
+        flag = self.stop.signum is not None
+        if self.env.world_size > 1:
+            value = torch.tensor([int(flag)], device=self.device if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(value)
+            flag = bool(value.item())
+        return flag
 
     def _progress_bar(self):
         t = self.cfg.train
@@ -283,11 +364,22 @@ class Trainer:
         self.tokens_seen += tokens_per_step
         self.train_seconds += elapsed
         session.add(tokens_per_step, elapsed)
-        if not math.isfinite(stats["loss"]):
-            self.save()
-            raise LostLMError(f"loss became {stats['loss']} at step {self.step}; the checkpoint is saved; "
-                              "lower train.lr, raise train.warmup_steps, or set train.z_loss=1e-4")
+        if stats.get("skipped"):
+            self._non_finite_step(stats)
         return stats, elapsed
+
+    def _non_finite_step(self, stats: dict) -> None:
+        """A skipped step: warn, or stop (without saving) after train.max_bad_steps in a row."""
+        what = f"loss {stats['loss']}, gradient norm {stats['grad_norm']}"
+        if self.bad_steps > self.cfg.train.max_bad_steps:
+            last = ckpt_io.latest_checkpoint(self.run_dir)
+            raise LostLMError(f"non-finite {what} for {self.bad_steps} steps in a row up to step {self.step} "
+                              f"(train.max_bad_steps={self.cfg.train.max_bad_steps}); stopped without saving, "
+                              f"the last good checkpoint ({last.name if last else 'none'}) is kept; likely causes: "
+                              "train.lr too high or train.warmup_steps too short, bf16 overflow (train.precision=fp32, "
+                              "train.z_loss=1e-4), bad input data, or damaged weights")
+        if self.env.is_main:
+            print(f"warning: step {self.step} skipped: non-finite {what} ({self.bad_steps} in a row)", file=sys.stderr)
 
     def _after_step(self, stats: dict, elapsed: float, last_eval: dict | None, progress) -> dict | None:
         """Log, evaluate and checkpoint when due; returns the latest evaluation."""
@@ -300,7 +392,7 @@ class Trainer:
         if self.step % t.eval_every == 0 or final:
             last_eval = self.evaluate()
             self._log({"step": self.step, "tokens": self.tokens_seen, "time": self.train_seconds, **last_eval})
-        if (t.checkpoint_every and self.step % t.checkpoint_every == 0) or final:
+        if ((t.checkpoint_every and self.step % t.checkpoint_every == 0) or final):
             self.save()
         if progress is not None:
             progress.update(1)
