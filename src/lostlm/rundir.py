@@ -22,8 +22,8 @@ METRICS_FILE = "metrics.jsonl"
 
 # Keys that may change between a checkpoint and its resume (they do not change the math).
 OPERATIONAL_KEYS = {"train": {"steps", "eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "out_dir",
-                              "resume", "device", "threads", "progress", "compile", "peak_flops"},
-                    "data": {"cache_dir"}}
+                              "resume", "device", "threads", "progress", "compile", "peak_flops", "loggers"},
+                    "data": {"cache_dir", "prefetch"}}
 
 
 def significant_differences(saved: dict, current: dict) -> list[str]:
@@ -81,6 +81,8 @@ def trim_metrics(run_dir: Path, step: int) -> None:
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
-    """Add one JSON line to the run's metrics log."""
+    """Add one JSON line to the run's metrics log (:class:`lostlm.loggers.Loggers` calls this;
+    the line is flushed at once so ``tail -f`` and a crash see every logged step)."""
     with open(Path(run_dir) / METRICS_FILE, "a") as fh:
         fh.write(json.dumps(record) + "\n")
+        fh.flush()
