@@ -121,3 +121,17 @@ def test_prepared_errors_are_one_line(prepared, tmp_path, capsys, tiny_run):
         read_manifest(prepared)
     assert main(["prepare", "data.source=prepared", "data.prepared_dir=x", "--out", str(tmp_path / "o")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_prefetch_thread_ends_when_the_wrapper_is_dropped(tiny_run):
+    import gc
+    import time
+
+    cfg = load_config(None, tiny_run("gone", data__prefetch=0))
+    ahead = Prefetched(build_data(cfg.data, 0), depth=2)
+    ahead.next_batch(8)
+    thread = ahead._thread
+    del ahead
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()

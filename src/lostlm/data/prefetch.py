@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -34,10 +35,13 @@ class Prefetched:
     def __getattr__(self, name: str) -> Any:  # tokenizer, vocab_size, val_batches, describe ...
         return getattr(self.inner, name)
 
-    def _produce(self, args: tuple[int, int, int], out: queue.Queue, stop: threading.Event) -> None:
+    @staticmethod
+    def _produce(inner: PackedData, args: tuple[int, int, int], out: queue.Queue, stop: threading.Event) -> None:
+        # No reference to the wrapper here: when it is garbage-collected, its finalizer sets
+        # ``stop`` and this thread ends (a forgotten Trainer does not leave a thread behind).
         while not stop.is_set():
             try:
-                item: Any = (self.inner.next_batch(*args), self.inner.state_dict())
+                item: Any = (inner.next_batch(*args), inner.state_dict())
             except BaseException as exc:  # handed to the consumer, raised there
                 item = exc
             while not stop.is_set():
@@ -63,8 +67,9 @@ class Prefetched:
             self._stop = threading.Event()
             self._queue = queue.Queue(maxsize=self.depth)
             self._args = args
-            self._thread = threading.Thread(target=self._produce, args=(args, self._queue, self._stop),
+            self._thread = threading.Thread(target=Prefetched._produce, args=(self.inner, args, self._queue, self._stop),
                                             name="lostlm-prefetch", daemon=True)
+            weakref.finalize(self, self._stop.set)
             self._thread.start()
         item = self._queue.get()
         if isinstance(item, BaseException):
