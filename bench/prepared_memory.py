@@ -2,7 +2,7 @@
 
     python bench/prepared_memory.py --sizes-mb 100 1000 --out bench/results/prepared-memory.json
 
-For each size, random token ids (uint16, vocabulary 32000) are written as a prepared folder
+For each size, random token ids (uint16, vocabulary 4096) are written as a prepared folder
 (``write_prepared``: 100 M-token shards, manifest, tokenizer) in a scratch folder, then a
 fresh ``lostlm train`` process trains a small model from it (``data.source=prepared``, the
 default prefetch thread, steps spread over the whole corpus by the random order) and its peak
@@ -25,7 +25,7 @@ import numpy as np
 
 from lostlm.data.prepared import write_prepared
 
-VOCAB = 32000
+VOCAB = 4096
 
 
 def word_tokenizer():
@@ -45,8 +45,8 @@ def random_tokens(total: int, seed: int, chunk: int = 50_000_000):
 def measure(folder: Path, steps: int) -> dict:
     out = folder.parent / (folder.name + "-run")
     command = [sys.executable, "-m", "lostlm", "train", "data.source=prepared", f"data.prepared_dir={folder}",
-               "data.seq_len=256", "data.val_tokens=4096", "model.hidden_size=64", "model.intermediate_size=128",
-               "model.num_heads=4", "model.num_layers=2", "layer.method=lost", "layer.rank=16", "train.batch_size=16",
+               "data.seq_len=128", "data.val_tokens=2048", "model.hidden_size=64", "model.intermediate_size=128",
+               "model.num_heads=4", "model.num_layers=2", "layer.method=lost", "layer.rank=16", "train.batch_size=8",
                f"train.steps={steps}", "train.eval_every=1000000", "train.checkpoint_every=0", "train.progress=false",
                "train.peak_flops=1e9", "train.threads=2", f"train.out_dir={out}"]
     start = time.perf_counter()
@@ -65,7 +65,7 @@ def measure(folder: Path, steps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[100, 1000])
-    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--scratch", default=None, help="folder for the token files (default: a temp folder)")
     parser.add_argument("--out")
     args = parser.parse_args()
