@@ -28,7 +28,7 @@ from lostlm.train import Trainer
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--corpus", default=None, help="a .jsonl with a text field (default: the cached default corpus)")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out")
     args = parser.parse_args()
@@ -41,16 +41,16 @@ def main() -> None:
         for name in results:
             cfg = load_config(None, [
                 "data.source=hf", f"data.hf_name={folder / 'data'}", "data.hf_subset=null", "data.hf_val_split=null",
-                "data.bpe_vocab_size=8192", "data.seq_len=256", "data.val_tokens=2048", f"data.{name}",
+                "data.bpe_vocab_size=2048", "data.seq_len=256", "data.val_tokens=2048", "data.max_documents=300", f"data.{name}",
                 "model.num_layers=2", "layer.method=lost", "train.batch_size=8", f"train.steps={args.steps}",
                 "train.eval_every=1000000", "train.checkpoint_every=0", "train.progress=false", "train.peak_flops=1e9",
-                "train.threads=2", f"train.out_dir={folder / f'{name}-{repeat}'}"])
+                "train.threads=1", f"train.out_dir={folder / f'{name}-{repeat}'}"])
             summary = Trainer(cfg).train()
             results[name].append(summary["tokens_per_s_median_step"])
             print(name, results[name][-1], flush=True)
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     report = {"cpu": next((l.split(":", 1)[1].strip() for l in cpu.splitlines() if l.startswith("Model name")), "?"),
-              "threads": 2, "load_average_1min": os.getloadavg()[0], "steps": args.steps,
+              "threads": 1, "load_average_1min": os.getloadavg()[0], "steps": args.steps,
               "tokens_per_s_median_step": results, "ratio": statistics.median(results["prefetch=2"]) /
               statistics.median(results["prefetch=0"])}
     print(json.dumps(report, indent=1))

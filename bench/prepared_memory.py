@@ -48,7 +48,7 @@ def measure(folder: Path, steps: int) -> dict:
                "data.seq_len=128", "data.val_tokens=2048", "model.hidden_size=64", "model.intermediate_size=128",
                "model.num_heads=4", "model.num_layers=2", "layer.method=lost", "layer.rank=16", "train.batch_size=8",
                f"train.steps={steps}", "train.eval_every=1000000", "train.checkpoint_every=0", "train.progress=false",
-               "train.peak_flops=1e9", "train.threads=2", f"train.out_dir={out}"]
+               "train.peak_flops=1e9", "train.threads=1", f"train.out_dir={out}"]
     start = time.perf_counter()
     with open(folder.parent / "train.log", "w") as log:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
