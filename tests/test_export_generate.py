@@ -20,6 +20,7 @@ from lostlm.cli import main
 from lostlm.configs import config_from_dict, save_config
 from lostlm.export import export_dense
 from lostlm.layers import NotMergeable
+from lostlm.interop.lost_llama import to_hf
 from lostlm.loading import load_trained_run
 
 SHAPE = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2, num_layers=2, max_seq_len=64)
@@ -152,3 +153,24 @@ def test_generate_refuses_more_tokens_than_positions(tmp_path, capsys):
     run = make_run(tmp_path / "run", "full")
     assert main(["generate", str(run), "--prompt", "The king", "--max-new-tokens", "100"]) == 2
     assert "exceeds the model's 64 positions" in capsys.readouterr().err
+
+
+def test_kv_cache_greedy_equals_no_cache_and_logits_match(tmp_path):
+    """Cached generation (transformers' DynamicCache) gives the same greedy tokens as recomputing
+    the prefix, and the cached per-step logits equal a full forward's (fp32)."""
+    from transformers import DynamicCache
+
+    run = make_run(tmp_path / "run", "lost")  # SHAPE has grouped-query attention
+    model = to_hf(load_trained_run(run)).eval()
+    prompt = torch.tensor([TOKENS[0][:5]])
+    options = dict(max_new_tokens=20, do_sample=False, pad_token_id=0, eos_token_id=None, min_new_tokens=20)
+    with torch.no_grad():
+        cached = model.generate(prompt, attention_mask=torch.ones_like(prompt), use_cache=True, **options)
+        plain = model.generate(prompt, attention_mask=torch.ones_like(prompt), use_cache=False, **options)
+        assert cached.shape[1] == prompt.shape[1] + 20 and torch.equal(cached, plain)
+        full = model(cached).logits
+        cache = DynamicCache()
+        first = model(cached[:, :7], cache=cache).logits  # a multi-token chunk, then one token at a time
+        steps = [first] + [model(cached[:, i:i + 1], cache=cache).logits for i in range(7, cached.shape[1])]
+    assert cache.get_seq_length() == cached.shape[1]
+    assert torch.allclose(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)

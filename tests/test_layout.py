@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lostlm"
 # Subpackages (data/, interop/, bench/) are one node each: their files may import each other.
 LAYERS = [
     {"errors"},
-    {"runtime", "weights", "registry", "validation", "runlock", "statecodec"},
+    {"runtime", "weights", "registry", "validation", "runlock", "statecodec", "data_config"},
     {"configs"},
     {"layers"},
     {"methods"},
@@ -24,7 +24,7 @@ LAYERS = [
     {"data", "optim", "reweight", "losses", "checkpoint", "costs", "peak", "parallel", "plots"},
     {"interop", "build"},
     {"loading", "evaluate"},
-    {"rundir", "summary", "train"},
+    {"rundir", "summary", "loggers", "train"},
     {"generate", "export", "estimate", "bench"},
     {"cli", "__main__", "__init__"},
 ]

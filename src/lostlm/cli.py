@@ -86,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # Modules that contribute sub-commands through a ``register(subparsers)`` function.
-COMMAND_MODULES: tuple[str, ...] = ("generate", "export", "interop.pretrained", "bench", "estimate")
+COMMAND_MODULES: tuple[str, ...] = ("generate", "export", "interop.pretrained", "bench", "estimate", "data.prepared")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from . import registry
+from .data_config import DataConfig
 from .errors import LostLMError
 from .validation import validate
 
@@ -126,42 +127,6 @@ class LayerConfig:
 
 
 @dataclass
-class DataConfig:
-    source: str = "default"
-    """default (bundled public-domain corpus, fetched from package registries and cached),
-    files (local .txt/.jsonl/.json/.parquet through Hugging Face datasets), or hf (a hub
-    dataset name such as allenai/c4, streamed)."""
-    paths: list[str] = field(default_factory=list)
-    """source=files: file paths or globs."""
-    hf_name: str = "allenai/c4"
-    """source=hf: dataset name or local folder for datasets.load_dataset."""
-    hf_subset: str | None = "en"
-    """source=hf: dataset configuration (C4: en)."""
-    hf_split: str = "train"
-    """source=hf: training split; validation uses hf_val_split."""
-    hf_val_split: str | None = "validation"
-    """source=hf: validation split; None holds out documents from the training split."""
-    text_field: str = "text"
-    """Field that holds the document text (json/jsonl/parquet/hub)."""
-    tokenizer: str = "bpe"
-    """bpe: a byte-level BPE trained on the corpus with `tokenizers` and cached; otherwise a
-    Hugging Face tokenizer name or local folder (paper recipes: t5-base)."""
-    bpe_vocab_size: int = 8192
-    """tokenizer=bpe: vocabulary size of the trained BPE."""
-    seq_len: int = 256
-    """Tokens per training sequence (documents are packed, EOS-separated)."""
-    val_fraction: float = 0.04
-    """Share of documents held out for validation (deterministic, by content hash)."""
-    val_tokens: int = 131072
-    """Tokens of held-out text used for each evaluation."""
-    cache_dir: str | None = None
-    """Where the corpus, tokenizer and token files are cached. None: $LOSTLM_CACHE or
-    ~/.cache/lostlm."""
-    max_documents: int | None = None
-    """Use at most this many documents (quick experiments)."""
-
-
-@dataclass
 class TrainConfig:
     steps: int = 400
     """Optimizer steps."""
@@ -218,6 +183,9 @@ class TrainConfig:
     max_bad_steps: int = 3
     """Consecutive steps with a non-finite loss or gradient norm that are skipped (no update,
     recorded in metrics.jsonl) before the run stops with an error; 0 stops at the first."""
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Where metrics go (rank 0): jsonl (metrics.jsonl, always on), tensorboard (needs the
+    ``[tensorboard]`` extra), wandb (offline, needs the ``[wandb]`` extra)."""
 
 
 @dataclass

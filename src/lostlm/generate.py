@@ -6,8 +6,9 @@
 
 This is transformers' ``generate`` with a ``TextStreamer`` on our
 :class:`~lostlm.interop.lost_llama.LostLlamaForCausalLM`, so sampling (temperature, top-k, top-p) is the
-library's. The same seed gives the same text on the same machine. There is no KV cache: each
-new token recomputes the whole prefix, which is fine for the short samples this is meant for.
+library's. The same seed gives the same text on the same machine. A KV cache (transformers'
+``DynamicCache``) makes each new token cost one position instead of the whole prefix;
+``--no-cache`` recomputes the prefix (slower, same greedy text; ``bench/generate_speed.py``).
 The text goes to stdout, the one-line description of the model to stderr.
 """
 
@@ -42,9 +43,10 @@ def load_for_generation(path: str | Path, device: str = "cpu") -> tuple[Any, Any
 
 @torch.no_grad()
 def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 50, temperature: float = 0.8,
-                  top_k: int = 50, top_p: float = 0.95, seed: int = 0, stream: bool = False) -> str:
+                  top_k: int = 50, top_p: float = 0.95, seed: int = 0, stream: bool = False, use_cache: bool = True) -> str:
     """The prompt and its continuation as text. ``temperature=0``: greedy decoding;
-    ``top_k=0`` / ``top_p=1``: that filter off. ``stream``: print tokens to stdout as they come."""
+    ``top_k=0`` / ``top_p=1``: that filter off. ``stream``: print tokens to stdout as they come.
+    ``use_cache=False``: no KV cache (each token recomputes the prefix)."""
     from transformers import TextStreamer
 
     if max_new_tokens < 1:
@@ -65,7 +67,7 @@ def generate_text(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int =
     sampling = temperature > 0
     options: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=sampling,
                                    pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
-                                   eos_token_id=tokenizer.eos_token_id)
+                                   eos_token_id=tokenizer.eos_token_id, use_cache=use_cache)
     if sampling:
         options.update(temperature=temperature, top_k=top_k, top_p=top_p)
     else:  # keep the model's generation_config sampling defaults from warning about unused flags
@@ -86,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens; 0: off")
     p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass; 1: off")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same text)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix per token (no KV cache)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
     p.set_defaults(func=cmd_generate)
 
@@ -97,5 +100,5 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer, description = load_for_generation(args.path, device)
     print(f"model: {description}", file=sys.stderr)
     generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
-                  args.seed, stream=True)
+                  args.seed, stream=True, use_cache=not args.no_cache)
     return 0

@@ -36,8 +36,8 @@ METRICS_FILE = "metrics.jsonl"
 # (decides whether a run stops). train.steps is a special case (see steps_change_is_safe):
 # it may change when the learning rate of every step already taken stays the same.
 OPERATIONAL_KEYS = {"train": {"eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "out_dir",
-                              "resume", "progress", "peak_flops"},
-                    "data": {"cache_dir"}}
+                              "resume", "progress", "peak_flops", "loggers"},
+                    "data": {"cache_dir", "prefetch"}}
 
 
 def significant_differences(saved: dict, current: dict) -> list[str]:
@@ -133,7 +133,9 @@ def _finite_or_null(value):
 
 
 def append_metrics(run_dir: Path, record: dict) -> None:
-    """Add one strict-JSON line to the run's metrics log (non-finite numbers become null)."""
+    """Add one strict-JSON line to the run's metrics log (non-finite numbers become null); flushed
+    at once so ``tail -f`` and a crash see every logged step. :class:`lostlm.loggers.Loggers` calls this."""
     line = json.dumps({k: _finite_or_null(v) for k, v in record.items()}, allow_nan=False)
     with open(Path(run_dir) / METRICS_FILE, "a") as fh:
         fh.write(line + "\n")
+        fh.flush()

@@ -43,6 +43,7 @@ from .configs import Config
 from .data import build_data
 from .errors import LostLMError
 from .evaluate import evaluate_loss, unigram_perplexity
+from .loggers import Loggers
 from .losses import sequence_losses, z_loss
 from .optim import build_optimizer, lr_at
 from .parallel import wrap_for_training
@@ -135,6 +136,8 @@ class Trainer:
         if self._optimizer_state is not None:
             self._load_optimizer_state(*self._optimizer_state)
             self._optimizer_state = None
+        # metrics.jsonl plus the trackers of train.loggers, written by rank 0 only
+        self.loggers = Loggers(self.run_dir, t.loggers, cfg.to_dict(), enabled=self.env.is_main)
 
     # -- set-up ---------------------------------------------------------------------------
 
@@ -296,8 +299,7 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
 
     def _log(self, record: dict) -> None:
-        if self.env.is_main:
-            rundir.append_metrics(self.run_dir, record)
+        self.loggers.log(record)
 
     def train(self) -> dict:
         """Run to ``train.steps``, then evaluate, write summary.json and curves.png."""
@@ -411,4 +413,6 @@ class Trainer:
                                 session, unigram)
         if self.env.is_main:
             write_summary(self.run_dir, summary)
+            self.loggers.summary(summary)
+            self.loggers.close()
         return summary

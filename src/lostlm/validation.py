@@ -22,6 +22,7 @@ import os
 from typing import Any
 
 from . import registry
+from .data_config import SOURCES
 from .errors import LostLMError
 
 
@@ -98,12 +99,15 @@ def validate(cfg: Any, presets: dict) -> None:
     _choice("layer", "svd_dtype", layer.svd_dtype, ("float32", "float64"))
     _require(layer.svd_window is None or layer.svd_window > 0, "config layer.svd_window must be a positive integer or null")
     _require(len(layer.targets) > 0, "config layer.targets is empty; list module names such as q_proj")
-    _choice("data", "source", d.source, ("default", "files", "hf"))
+    _choice("data", "source", d.source, SOURCES)
     _require(d.source != "files" or len(d.paths) > 0, "config data.source=files needs data.paths (files or globs)")
+    _require(d.source != "prepared" or bool(d.prepared_dir),
+             "config data.source=prepared needs data.prepared_dir (a folder written by `lostlm prepare`)")
     _require(d.seq_len >= 2, f"config data.seq_len={d.seq_len} must be at least 2")
     _require(0.0 < d.val_fraction < 1.0, f"config data.val_fraction={d.val_fraction} must be in (0, 1)")
     _require(d.val_tokens >= d.seq_len, f"config data.val_tokens={d.val_tokens} must be at least data.seq_len={d.seq_len}")
     _require(d.bpe_vocab_size >= 300, f"config data.bpe_vocab_size={d.bpe_vocab_size} must be at least 300 (256 bytes + specials)")
+    _require(d.prefetch >= 0, f"config data.prefetch={d.prefetch} must be >= 0 (0: no prefetch thread)")
     _require(t.steps > 0, f"config train.steps={t.steps} must be positive")
     _require(t.batch_size > 0, f"config train.batch_size={t.batch_size} must be positive")
     _require(t.micro_batch_size is None or (t.micro_batch_size > 0 and t.batch_size % t.micro_batch_size == 0),
@@ -119,6 +123,8 @@ def validate(cfg: Any, presets: dict) -> None:
     _choice("train", "resume", t.resume, ("auto", "never"))
     _choice("train", "device", t.device, ("auto", "cpu", "cuda"))
     _choice("train", "parallel", t.parallel, ("ddp", "fsdp"))
+    for logger in t.loggers:
+        _choice("train", "loggers", logger, ("jsonl", "tensorboard", "wandb"))
     _choice("reweight", "strategy", rw.strategy, ("uniform", "linupper", "quadratic", "extremes"))
     _require(rw.temperature > 0, f"config reweight.temperature={rw.temperature} must be positive")
     _require(rw.delta > 0, f"config reweight.delta={rw.delta} must be positive")

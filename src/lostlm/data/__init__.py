@@ -11,6 +11,9 @@ Modules (``docs/data.md`` describes each in detail):
   encoding documents (each followed by one EOS).
 * :mod:`.packing`: :class:`PackedData` (``next_batch``, ``val_batches``, ``state_dict``,
   ``load_state_dict``, ``describe``) for map-style and streaming sources.
+* :mod:`.prepared`: ``lostlm prepare`` and ``data.source=prepared`` (token shards on disk, a
+  manifest, read per rank without tokenising; :class:`PreparedData`).
+* :mod:`.prefetch`: :class:`Prefetched`, the ``data.prefetch`` background thread.
 * this module: :func:`build_data`, which wires them together and caches the token arrays.
 
 Packing: documents are concatenated in corpus order and cut into non-overlapping sequences of
@@ -40,11 +43,14 @@ from .corpus import (
     prepare_default_corpus,
 )
 from .packing import MapPackedData, PackedData, StreamingPackedData
+from .prefetch import Prefetched
+from .prepared import PreparedData, prepare
 from .readers import corpus_fingerprint, read_documents, resolve_paths, split_documents, stream_texts
 from .tokenizer import BPE_EOS, encode, encode_all, load_tokenizer, load_tokenizer_lazily, tokenizer_fingerprint
 
 __all__ = [
-    "BPE_EOS", "DEFAULT_CORPUS", "NPM_SOURCES", "PYPI_SOURCES", "MapPackedData", "PackedData", "StreamingPackedData",
+    "BPE_EOS", "DEFAULT_CORPUS", "NPM_SOURCES", "PYPI_SOURCES", "MapPackedData", "PackedData", "Prefetched",
+    "PreparedData", "StreamingPackedData", "prepare",
     "build_data", "cache_root", "fetch_default_sources", "load_tokenizer", "prepare_corpus_from_archives",
     "prepare_default_corpus", "read_documents", "split_documents",
 ]
@@ -90,17 +96,21 @@ def _build_stream(cfg: DataConfig, seed: int) -> StreamingPackedData:
     return StreamingPackedData(cfg, seed, tok, val, info)
 
 
-def build_data(cfg: DataConfig, seed: int) -> PackedData:
+def build_data(cfg: DataConfig, seed: int) -> PackedData | Prefetched:
     """Corpus + tokenizer + packed sequences for `cfg`, with the position at the start.
 
     Under an initialised torch.distributed process group, rank 0 builds first (fetching,
     training the BPE and tokenizing into the cache) while the others wait at a barrier and then
-    load from the cache; every rank must call this.
+    load from the cache; every rank must call this. With ``data.prefetch > 0`` the result
+    reads that many batches ahead in a background thread (:class:`Prefetched`, same batches).
     """
     rank, world = dist_info()
     if world > 1 and rank != 0:
         torch.distributed.barrier()
-    data = _build_stream(cfg, seed) if cfg.source == "hf" else _build_map(cfg, seed)
+    if cfg.source == "prepared":
+        data: PackedData = PreparedData(cfg, seed)
+    else:
+        data = _build_stream(cfg, seed) if cfg.source == "hf" else _build_map(cfg, seed)
     if world > 1 and rank == 0:
         torch.distributed.barrier()
-    return data
+    return Prefetched(data, cfg.prefetch) if cfg.prefetch else data

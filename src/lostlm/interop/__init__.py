@@ -7,6 +7,8 @@
   LlamaLM, without transformers (``llama_from_pretrained``; the base of ``model.init_from``).
 * :mod:`~lostlm.interop.export` — dense export: a plain ``llama`` folder (``save_dense``).
 * :mod:`~lostlm.interop.pretrained` — ``lostlm convert-pretrained``.
+* :mod:`~lostlm.interop.any_model` — LOST on any transformers causal LM (``convert_for_training``,
+  ``save_pretrained`` with ``lost_config.json``, strict ``from_pretrained``).
 
 Weights are checked with :func:`lostlm.weights.load_strict` / ``state_mismatch``. Nothing is
 imported here, so ``llama_reader`` (and ``lostlm.build``) work without loading transformers'

@@ -11,12 +11,14 @@ saved folder works with the usual calls::
 :func:`to_hf` wraps a trained run (``load_trained_run``) or a LlamaLM without copying;
 :func:`save_hf` writes it as such a folder (``lostlm export RUN --out DIR``);
 :func:`load_hf_folder` reads a lost_llama or llama folder back for ``lostlm generate``.
-Parameter names are exactly those of our checkpoints. There is no KV cache: every generated
-token recomputes the whole prefix.
+Parameter names are exactly those of our checkpoints. Generation uses transformers' cache API
+(a ``DynamicCache`` of keys and values per layer), so each new token costs one position, not
+the whole prefix; ``use_cache=False`` (or a padded batch) recomputes the prefix instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GenerationMixin,
                           PretrainedConfig, PreTrainedModel)
-from transformers.modeling_outputs import CausalLMOutput
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
 
 from ..configs import LayerConfig, ModelConfig, config_from_dict
 from ..convert import convert_linear_layers
 from ..errors import LostLMError
-from ..model import LlamaLM, rope_tables
+from ..model import LlamaLM, apply_rope, rope_tables
 from ..weights import state_mismatch, tied_head_names
 from .names import hf_fields, model_fields, special_token_ids
 
@@ -78,7 +81,6 @@ class LostLlamaConfig(PretrainedConfig):
         self.sparse_init = sparse_init
         self.svd_window = svd_window
         self.svd_dtype = svd_dtype
-        kwargs.pop("use_cache", None)  # there is no cache (see module docstring)
         # Through the base class: transformers 4.x sets these four in its own __init__.
         super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          pad_token_id=pad_token_id, **kwargs)
@@ -122,7 +124,6 @@ class LostLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         self.register_buffer("rope_cos", lm.rope_cos, persistent=False)
         self.register_buffer("rope_sin", lm.rope_sin, persistent=False)
         self.post_init()
-        self.generation_config.use_cache = False
 
     # -- transformers plumbing -------------------------------------------------------
     def _init_weights(self, module: nn.Module) -> None:
@@ -152,7 +153,6 @@ class LostLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         if problem:
             raise ValueError(f"lost_llama checkpoint does not fit its config ({problem}); "
                              "it was saved with a different layer config")
-        model.generation_config.use_cache = False
         return (model, info) if want_info else model
 
     def get_input_embeddings(self) -> nn.Module:
@@ -168,9 +168,15 @@ class LostLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         self.lm_head = value
 
     def prepare_inputs_for_generation(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                                      **kwargs: Any) -> dict[str, Any]:
-        # No KV cache: always feed the full sequence, only the last position needs logits.
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "logits_to_keep": 1}
+                                      cache: Any = None, past_key_values: Any = None, **kwargs: Any) -> dict[str, Any]:
+        # transformers 5 passes the cache as ``cache``, 4.x as ``past_key_values``. With a cache,
+        # feed only the tokens it has not seen; without one (use_cache=False, or a padded batch,
+        # which the cached path does not handle), the whole sequence. Only the last position
+        # needs logits either way.
+        cache = cache if cache is not None else past_key_values
+        if cache is None or (attention_mask is not None and not bool(attention_mask.all())):
+            return {"input_ids": input_ids, "attention_mask": attention_mask, "logits_to_keep": 1}
+        return {"input_ids": input_ids[:, cache.get_seq_length():], "cache": cache, "logits_to_keep": 1}
 
     # -- the model -------------------------------------------------------------------
     def _logits(self, input_ids: torch.Tensor, logits_to_keep: int) -> torch.Tensor:
@@ -182,16 +188,57 @@ class LostLlamaForCausalLM(PreTrainedModel, GenerationMixin):
             hidden = hidden[:, -logits_to_keep:]
         return self.lm_head(hidden)
 
+    def _cached_logits(self, input_ids: torch.Tensor, cache: Any, logits_to_keep: int) -> torch.Tensor:
+        """The backbone's forward (model.py's DecoderLayer/Attention, step by step) on the new
+        tokens only, with earlier keys/values from ``cache`` (``cache.update`` appends them)."""
+        past, length = cache.get_seq_length(), input_ids.shape[1]
+        if past + length > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {past + length} tokens exceeds max_position_embeddings={self.rope_cos.shape[0]}")
+        cos, sin = self.rope_cos[past:past + length], self.rope_sin[past:past + length]
+        # New token i (absolute position past + i) sees positions 0 .. past + i.
+        mask = None if length == 1 else torch.ones(length, past + length, dtype=torch.bool,
+                                                   device=input_ids.device).tril(past)
+        x = self.model.embed_tokens(input_ids)
+        for index, layer in enumerate(self.model.layers):
+            attn, h = layer.self_attn, layer.input_layernorm(x)
+            shape = (x.shape[0], length, -1, attn.head_dim)
+            q = attn.q_proj(h).view(shape).transpose(1, 2)
+            k = attn.k_proj(h).view(shape).transpose(1, 2)
+            v = attn.v_proj(h).view(shape).transpose(1, 2)
+            q, k = apply_rope(q, cos, sin).to(v.dtype), apply_rope(k, cos, sin).to(v.dtype)
+            k, v = cache.update(k, v, index)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=attn.num_kv_heads != attn.num_heads)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(x.shape[0], length, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        hidden = self.model.norm(x)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return self.lm_head(hidden)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, logits_to_keep: int = 0, **kwargs: Any) -> CausalLMOutput:
+                labels: torch.Tensor | None = None, logits_to_keep: int = 0, cache: Any = None,
+                past_key_values: Any = None, use_cache: bool | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
         """Logits (batch, length, vocab); ``loss`` (mean next-token cross-entropy, -100 ignored)
         when ``labels`` are given (unshifted, as in transformers). Other keyword arguments that
-        transformers passes (``use_cache``, ``return_dict`` ...) are accepted and ignored.
+        transformers passes (``return_dict`` ...) are accepted and ignored.
 
         ``attention_mask`` with zeros (padding, left or right): each row is run on its unmasked
         tokens alone, so positions and attention match an unpadded run exactly; masked positions
-        get logits 0. No position ids, no cache."""
-        if attention_mask is None or bool(attention_mask.all()):
+        get logits 0. No position ids.
+
+        ``cache`` (``past_key_values`` in transformers 4.x), a transformers ``Cache`` such as
+        ``DynamicCache()``: ``input_ids`` are the tokens after those it holds, and it is
+        returned updated (``use_cache=True`` without one starts a new ``DynamicCache``). Not
+        with a padding mask."""
+        cache = cache if cache is not None else past_key_values
+        if cache is None and use_cache and labels is None:
+            from transformers import DynamicCache
+            cache = DynamicCache()
+        if cache is not None:
+            if attention_mask is not None and not bool(attention_mask.all()):
+                raise ValueError("the KV cache path does not take padding; pass use_cache=False with a padded batch")
+            logits = self._cached_logits(input_ids, cache, logits_to_keep)
+        elif attention_mask is None or bool(attention_mask.all()):
             logits = self._logits(input_ids, logits_to_keep)
         else:
             keep = attention_mask.bool()
@@ -211,7 +258,7 @@ class LostLlamaForCausalLM(PreTrainedModel, GenerationMixin):
                 raise ValueError("labels need the logits of every position; do not pass logits_to_keep with labels")
             shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
             loss = F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1).to(logits.device), ignore_index=-100)
-        return CausalLMOutput(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
     def lostlm_model(self) -> LlamaLM:
         """A LlamaLM that shares this model's modules (for lostlm's own tools)."""
@@ -222,6 +269,9 @@ class LostLlamaForCausalLM(PreTrainedModel, GenerationMixin):
         lm.rope_cos, lm.rope_sin = self.rope_cos, self.rope_sin
         return lm
 
+
+# The output's cache field: ``cache`` in transformers 5, ``past_key_values`` in 4.x.
+_CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
 
 AutoConfig.register(MODEL_TYPE, LostLlamaConfig, exist_ok=True)
 AutoModelForCausalLM.register(LostLlamaConfig, LostLlamaForCausalLM, exist_ok=True)
@@ -248,7 +298,7 @@ def to_hf(source: Any, layer: LayerConfig | None = None, rank: int | None = None
     config.architectures = [LostLlamaForCausalLM.__name__]
     _check_fits(config, model)
     hf_model = LostLlamaForCausalLM(config, lm=model)
-    hf_model.generation_config = GenerationConfig(**special_token_ids(tokenizer), use_cache=False)
+    hf_model.generation_config = GenerationConfig(**special_token_ids(tokenizer))
     return hf_model
 
 
