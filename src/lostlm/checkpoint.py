@@ -43,7 +43,10 @@ def flatten_state(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t")
     """Replace every tensor in a nested structure by a reference into ``tensors``. Objects
     (e.g. GaLore's projector) are stored as their class path plus their flattened attributes."""
     if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous()
+        tensor = obj.detach().cpu().contiguous()
+        if any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in tensors.values()):
+            tensor = tensor.clone()  # safetensors refuses shared storage (bitsandbytes shares its qmaps)
+        tensors[prefix] = tensor
         if obj.dim() > 1 and not obj.is_contiguous():
             # Keep the memory layout: a matmul with a transposed/sliced view rounds differently
             # than with a contiguous copy, and resume must be bit-exact (GaLore's projectors).

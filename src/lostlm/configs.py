@@ -28,6 +28,7 @@ import yaml
 
 from . import registry
 from .errors import LostLMError
+from .presets import PRESET_VOCAB, PRESETS  # noqa: F401  (re-exported)
 
 # Valid layer.method values: a live view of lostlm.registry, which lostlm.methods fills (configs
 # sits below the methods and layers, so it reads the names from that table instead of importing
@@ -66,20 +67,6 @@ class ModelConfig:
     """Local folder of a Hugging Face Llama checkpoint: its config sets the shape (preset and
     the shape keys above are ignored) and its weights are W0 of every layer, so LOST starts
     from the SVD of the real pretrained weights. Use the same folder as data.tokenizer."""
-
-
-# hidden / intermediate / heads / layers (the LLaMA shapes of the GaLore/LOST papers); default LOST rank per size.
-PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=256, intermediate_size=688, num_heads=4, num_layers=4, rank=64),
-    "9m": dict(hidden_size=128, intermediate_size=352, num_heads=4, num_layers=4, rank=32),
-    "20m": dict(hidden_size=256, intermediate_size=688, num_heads=4, num_layers=4, rank=64),
-    "60m": dict(hidden_size=512, intermediate_size=1376, num_heads=8, num_layers=8, rank=128),
-    "130m": dict(hidden_size=768, intermediate_size=2048, num_heads=12, num_layers=12, rank=256),
-    "350m": dict(hidden_size=1024, intermediate_size=2736, num_heads=16, num_layers=24, rank=256),
-    "1b": dict(hidden_size=2048, intermediate_size=5461, num_heads=32, num_layers=24, rank=512),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_heads=32, num_layers=32, rank=1024),
-}
-PRESET_VOCAB = 32000  # the T5 / Llama tokenizers of the paper recipes
 
 
 @dataclass
@@ -212,6 +199,14 @@ class TrainConfig:
     """Under torchrun: ddp or fsdp (FSDP2 fully_shard)."""
     peak_flops: float | None = None
     """Peak FLOP/s for MFU. None: measured once with a matmul benchmark and cached."""
+    loss_impl: str = "chunked"
+    """chunked (LM head + cross-entropy over token chunks, never all logits) or plain."""
+    loss_chunk_tokens: int = 1024
+    """Tokens per chunk of the chunked loss (each chunk holds a few chunk x vocab buffers)."""
+    activation_checkpointing: int = 0
+    """Recompute every k-th decoder block in backward (1: every block; 0: off)."""
+    optimizer: str = "adamw"
+    """adamw (fp32 moments) or adamw8bit (bitsandbytes' 8-bit blockwise moments; extra [8bit])."""
 
 
 @dataclass
@@ -315,6 +310,10 @@ def validate(cfg: Config) -> None:
     _choice("train", "resume", t.resume, ("auto", "never"))
     _choice("train", "device", t.device, ("auto", "cpu", "cuda"))
     _choice("train", "parallel", t.parallel, ("ddp", "fsdp"))
+    _choice("train", "loss_impl", t.loss_impl, ("chunked", "plain"))
+    _choice("train", "optimizer", t.optimizer, ("adamw", "adamw8bit"))
+    _require(t.loss_chunk_tokens > 0 and t.activation_checkpointing >= 0,
+             "config train.loss_chunk_tokens must be positive and train.activation_checkpointing >= 0 (0 off, k every k-th block)")
     _choice("reweight", "strategy", rw.strategy, ("uniform", "linupper", "quadratic", "extremes"))
     _require(rw.temperature > 0, f"config reweight.temperature={rw.temperature} must be positive")
     _require(rw.delta > 0, f"config reweight.delta={rw.delta} must be positive")
