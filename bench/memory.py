@@ -167,19 +167,21 @@ def report(results: dict) -> str:
     """Markdown table of the finished runs: measured peak beside the estimator's parts."""
     mib = 2**20
     lines = ["| run | precision, threads | measured peak (MiB) | estimate: W+G / optimizer / activations / "
-             "buffers (MiB) | estimate sum (MiB) | measured / estimate | tokens/s | wall (s) |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]
+             "buffers (MiB) | estimate sum (MiB) | measured / estimate | runtime base (MiB) | "
+             "(measured − base) / estimate | tokens/s (contended) |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     for name, r in results["runs"].items():
         if "error" in r:
-            lines.append(f"| {name} | | {r.get('peak_rss_bytes', 0) / mib:,.0f} (failed) | {r['error'][:80]} | | | | |")
+            lines.append(f"| {name} | | {r.get('peak_rss_bytes', 0) / mib:,.0f} (failed) | {r['error'][:80]} | | | | | |")
             continue
         e = r["estimate"]
+        base = r["rss_after_build_bytes"] - e["weights_bytes"]  # Python, torch, data: RSS after build less the weights
         parts = " / ".join(f"{e[k] / mib:,.0f}" for k in ("grads_bytes", "optimizer_bytes", "activations_bytes",
                                                          "transient_bytes"))
         parts = f"{(e['weights_bytes'] + e['grads_bytes']) / mib:,.0f} / " + parts.split(" / ", 1)[1]
         lines.append(f"| {name} | {r['precision']}, {r['threads']} | {r['peak_rss_bytes'] / mib:,.0f} | {parts} | "
                      f"{e['total_bytes'] / mib:,.0f} | {r['peak_rss_bytes'] / e['total_bytes']:.2f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['wall_s']:,.0f} |")
+                     f"{base / mib:,.0f} | {(r['peak_rss_bytes'] - base) / e['total_bytes']:.2f} | {r['tokens_per_s']:,.0f} |")
     return "\n".join(lines)
 
 
