@@ -210,16 +210,16 @@ def test_ranks_start_identical_and_read_disjoint_slices(setup):
 
 def test_ddp_two_processes_match_one_and_resume_exactly(setup):
     root, args = setup
-    torchrun(args("ddp"))
+    torchrun(args("ddp", train__activation_checkpointing=2))  # DDP + checkpointing every 2nd block
     assert_same_run(root / "ddp", root / "one")
     summary = json.loads((root / "ddp" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["step"] == 6
     assert sorted(p.name for p in (root / "ddp" / "checkpoints").iterdir()) == ["latest", "step_00000003", "step_00000006"]
 
     # N/2 steps, then the same command continues to N: identical to N straight, bit for bit
-    torchrun(args("ddp-resumed", train__steps=3))
+    torchrun(args("ddp-resumed", train__steps=3, train__activation_checkpointing=2))
     assert latest_checkpoint(root / "ddp-resumed").name == "step_00000003"
-    result = torchrun(args("ddp-resumed"))
+    result = torchrun(args("ddp-resumed", train__activation_checkpointing=2))
     assert "resuming at step 3" in result.stderr
     assert_same_run(root / "ddp-resumed", root / "ddp", exact=True)
 
@@ -227,8 +227,9 @@ def test_ddp_two_processes_match_one_and_resume_exactly(setup):
 @pytest.mark.skipif(not _has_fsdp2(), reason="this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
 def test_fsdp_two_processes_match_one_and_resume(setup):
     root, args = setup
-    torchrun(args("fsdp", train__parallel="fsdp", train__steps=3))
-    result = torchrun(args("fsdp", train__parallel="fsdp"))  # resumes from the gathered checkpoint
+    # with activation checkpointing on every block: FSDP2's hooks around a recomputed block
+    torchrun(args("fsdp", train__parallel="fsdp", train__steps=3, train__activation_checkpointing=1))
+    result = torchrun(args("fsdp", train__parallel="fsdp", train__activation_checkpointing=1))  # resumes
     assert "resuming at step 3" in result.stderr
     assert_same_run(root / "fsdp", root / "one")
     summary = json.loads((root / "fsdp" / "summary.json").read_text())

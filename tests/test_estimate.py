@@ -93,3 +93,44 @@ def test_estimate_cli(capsys):
     assert len(rows) == 2 * len(METHODS) and "GB = 10⁹ bytes" in out
     assert main(["estimate", "--preset", "3b"]) == 2
     assert "not a preset" in capsys.readouterr().err
+
+
+def test_estimator_levers_match_real_8bit_state_and_hand_counts():
+    """adamw8bit: the bytes bitsandbytes really holds after a step; checkpointing and the chunked
+    loss: the saved activations counted by hand (block inputs, head input + log-sum-exp)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    cfg = load_config(None, ["layer.method=full", "model.hidden_size=64", "model.intermediate_size=160",
+                             "model.num_layers=2", "data.seq_len=32"])
+    model, _ = build_model(cfg, 500)
+    groups = [{"params": [p for p in model.parameters() if p.ndim >= 2]}, {"params": [p for p in model.parameters() if p.ndim < 2]}]
+    optimizer = bnb.optim.AdamW8bit(groups, lr=1e-3)
+    ids = torch.randint(0, 500, (2, 33))
+    torch.nn.functional.cross_entropy(model(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten()).backward()
+    optimizer.step()
+    storages = {}
+    for state in optimizer.state.values():
+        for value in state.values():
+            if torch.is_tensor(value) and value.numel() > 1 and value.numel() != 256:  # qmaps: shared, 256 each
+                storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    est = estimate(cfg, 500, dtype="fp32", optimizer="adamw8bit")
+    assert est.optimizer_bytes == pytest.approx(sum(storages.values()), rel=0.01)
+    assert est.optimizer_bytes < 0.3 * estimate(cfg, 500, dtype="fp32").optimizer_bytes
+
+    d, v, tokens = 64, 500, 4 * 32
+    plain = estimate(cfg, 500, micro_batch=4, seq_len=32, amp=False)
+    ckpt = estimate(cfg, 500, micro_batch=4, seq_len=32, amp=False, checkpointing=1)
+    chunked = estimate(cfg, 500, micro_batch=4, seq_len=32, amp=False, loss_chunk=32)
+    head_plain = (3 * 4 * d + 4 * v + 4 * v) * tokens  # final norm (fp32: 3 tensors), logits, log-softmax
+    assert ckpt.activations_bytes == 2 * 4 * d * tokens + head_plain  # each block keeps its fp32 input only
+    assert plain.activations_bytes - chunked.activations_bytes == (8 * v - 4) * tokens
+    assert ckpt.transient_bytes >= (plain.activations_bytes - head_plain) // 2  # one block recomputed
+    assert chunked.transient_bytes < plain.transient_bytes
+
+
+def test_estimate_command_prints_the_levers(capsys):
+    from lostlm.cli import main
+
+    assert main(["estimate", "--preset", "60m", "--method", "lost", "--optimizer", "adamw8bit", "--checkpointing", "1",
+                 "--loss", "chunked"]) == 0
+    out = capsys.readouterr().out
+    assert "adamw8bit moments" in out and "chunked loss" in out and "| 60m | lost |" in out

@@ -15,13 +15,13 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lostlm"
 # Subpackages (data/, interop/, bench/) are one node each: their files may import each other.
 LAYERS = [
     {"errors"},
-    {"runtime", "weights", "registry", "validation", "runlock", "statecodec", "data_config"},
+    {"runtime", "weights", "registry", "validation", "runlock", "statecodec", "data_config", "presets", "losses"},
     {"configs"},
     {"layers"},
     {"methods"},
     {"model"},
     {"convert"},
-    {"data", "optim", "reweight", "losses", "checkpoint", "costs", "peak", "parallel", "plots"},
+    {"data", "optim", "reweight", "checkpoint", "costs", "peak", "parallel", "plots"},
     {"interop", "build"},
     {"loading", "evaluate"},
     {"rundir", "summary", "loggers", "train"},

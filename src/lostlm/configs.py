@@ -30,6 +30,7 @@ from . import registry
 from .data_config import DataConfig
 from .errors import LostLMError
 from .validation import validate
+from .presets import PRESET_VOCAB, PRESETS  # noqa: F401  (re-exported)
 
 # Valid layer.method values: a live view of lostlm.registry, which lostlm.methods fills (configs
 # sits below the methods and layers, so it reads the names from that table instead of importing
@@ -68,20 +69,6 @@ class ModelConfig:
     """Local folder of a Hugging Face Llama checkpoint: its config sets the shape (preset and
     the shape keys above are ignored) and its weights are W0 of every layer, so LOST starts
     from the SVD of the real pretrained weights. Use the same folder as data.tokenizer."""
-
-
-# hidden / intermediate / heads / layers (the LLaMA shapes of the GaLore/LOST papers); default LOST rank per size.
-PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=256, intermediate_size=688, num_heads=4, num_layers=4, rank=64),
-    "9m": dict(hidden_size=128, intermediate_size=352, num_heads=4, num_layers=4, rank=32),
-    "20m": dict(hidden_size=256, intermediate_size=688, num_heads=4, num_layers=4, rank=64),
-    "60m": dict(hidden_size=512, intermediate_size=1376, num_heads=8, num_layers=8, rank=128),
-    "130m": dict(hidden_size=768, intermediate_size=2048, num_heads=12, num_layers=12, rank=256),
-    "350m": dict(hidden_size=1024, intermediate_size=2736, num_heads=16, num_layers=24, rank=256),
-    "1b": dict(hidden_size=2048, intermediate_size=5461, num_heads=32, num_layers=24, rank=512),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_heads=32, num_layers=32, rank=1024),
-}
-PRESET_VOCAB = 32000  # the T5 / Llama tokenizers of the paper recipes
 
 
 @dataclass
@@ -186,6 +173,14 @@ class TrainConfig:
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
     """Where metrics go (rank 0): jsonl (metrics.jsonl, always on), tensorboard (needs the
     ``[tensorboard]`` extra), wandb (offline, needs the ``[wandb]`` extra)."""
+    loss_impl: str = "chunked"
+    """chunked (LM head + cross-entropy over token chunks, never all logits) or plain."""
+    loss_chunk_tokens: int = 1024
+    """Tokens per chunk of the chunked loss (each chunk holds a few chunk x vocab buffers)."""
+    activation_checkpointing: int = 0
+    """Recompute every k-th decoder block in backward (1: every block; 0: off)."""
+    optimizer: str = "adamw"
+    """adamw (fp32 moments) or adamw8bit (bitsandbytes' 8-bit blockwise moments; extra [8bit])."""
 
 
 @dataclass

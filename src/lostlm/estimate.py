@@ -17,6 +17,14 @@ Memory convention (what the papers call "weights + optimizer states")::
                  whose projected matrices keep 2 × r × max(m, n) moments plus the r × min(m, n)
                  projector (galore_torch's ``std`` projection)
     activations= tensors saved for backward for one micro-batch (see :func:`activation_bytes`)
+    transient  = the largest short-lived buffers of backward: the loss's (tokens × vocab, or
+                 chunk × vocab when chunked) and one recomputed block under checkpointing
+
+The levers (``train.*``): ``optimizer=adamw8bit`` keeps each moment of a matrix in 1 byte plus
+one fp32 absmax per 256-number block (bitsandbytes' blockwise quantisation; tensors under 4096
+numbers, here the norm gains, keep fp32 moments); ``activation_checkpointing=k`` keeps only the
+fp32 input (4·d per token) of every k-th block; ``loss_impl=chunked`` keeps one fp32 log-sum-exp
+per token instead of the logits and their log-softmax.
 
 The GaLore paper's full-rank column (60M 0.36G, 130M 0.76G, 350M 2.06G, 1B 7.80G) is
 ``weights + optimizer`` with BF16 weights and BF16 Adam moments (6 bytes per parameter), the
@@ -33,6 +41,7 @@ docs/benchmarks.md for the comparison.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from dataclasses import asdict, dataclass
 
 from . import methods
@@ -96,6 +105,10 @@ class Estimate:
     activations_bytes: int
     micro_batch: int
     seq_len: int
+    transient_bytes: int = 0
+    optimizer: str = "adamw"
+    checkpointing: int = 0
+    loss_chunk: int = 0
 
     @property
     def weights_optimizer_bytes(self) -> int:
@@ -108,7 +121,7 @@ class Estimate:
 
     @property
     def total_bytes(self) -> int:
-        return self.state_bytes + self.activations_bytes
+        return self.state_bytes + self.activations_bytes + self.transient_bytes
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -127,7 +140,7 @@ def _resolve(cfg: Config, vocab_size: int | None) -> ModelConfig:
 
 
 def activation_bytes(model: ModelConfig, method: str, rank: int, layer: LayerConfig, micro_batch: int, seq_len: int,
-                     amp: bool = True) -> int:
+                     amp: bool = True, checkpointing: int = 0, loss_chunk: int = 0) -> int:
     """Bytes autograd keeps for backward over one micro-batch of our LlamaLM.
 
     Per token and block, with c the compute bytes (2 under bf16 autocast, 4 in fp32); the
@@ -145,6 +158,8 @@ def activation_bytes(model: ModelConfig, method: str, rank: int, layer: LayerCon
 
     Parameters and autocast's cached low-precision weight copies are not activations and are
     not counted. tests/test_estimate.py checks this against ``costs.saved_activation_bytes``.
+    ``checkpointing`` = k: blocks 0, k, 2k, ... keep only their fp32 input (4 d); ``loss_chunk``
+    > 0: the head keeps one fp32 log-sum-exp per token besides its input, not c V + 4 V.
     """
     c = 2 if amp else 4
     d, i, v = model.hidden_size, model.intermediate_size, model.vocab_size
@@ -159,14 +174,53 @@ def activation_bytes(model: ModelConfig, method: str, rank: int, layer: LayerCon
             per_batch += batch_bytes
     norm = (2 if amp else 3) * 4 * d  # fp32 input and normalised output (+ gain-scaled output in fp32)
     per_token += 2 * norm + 4 * c * d + 4 * c * i  # norms, attention q/k/v/out, SwiGLU gate/up/silu/product
-    head = norm + (c * d if amp else 0) + c * v + 4 * v
-    return (per_token * model.num_layers + head) * micro_batch * seq_len + per_batch * model.num_layers
+    head = norm + (c * d if amp else 0) + (4 if loss_chunk else c * v + 4 * v)
+    saved = checkpointed_blocks(model.num_layers, checkpointing)
+    blocks = (model.num_layers - saved) * per_token + saved * 4 * d
+    return (blocks + head) * micro_batch * seq_len + per_batch * (model.num_layers - saved)
+
+
+def checkpointed_blocks(layers: int, every: int) -> int:
+    """How many of ``layers`` blocks ``train.activation_checkpointing=every`` recomputes."""
+    return 0 if every <= 0 else (layers + every - 1) // every
+
+
+def transient_bytes(model: ModelConfig, method: str, rank: int, layer: LayerConfig, micro_batch: int, seq_len: int,
+                    amp: bool = True, checkpointing: int = 0, loss_chunk: int = 0) -> int:
+    """The largest short-lived buffers of backward, on top of the saved activations: the
+    loss's gradient buffers (plain: the fp32 gradient of the logits and its compute-dtype copy,
+    (4 + c) V per token; chunked: per chunk the fp32 logits and probabilities and two c V
+    copies, plus under autocast the fp32 head-gradient accumulator and its bf16 cast, V d (4 + c))
+    and, under checkpointing, one recomputed block's activations."""
+    c = 2 if amp else 4
+    d, v, tokens = model.hidden_size, model.vocab_size, micro_batch * seq_len
+    if loss_chunk:
+        # under autocast the head's fp32 gradient is accumulated apart, then cast (fp32: it is the grad)
+        loss = min(loss_chunk, tokens) * v * (8 + 2 * c) + (v * d * (4 + c) if amp else 0)
+    else:
+        loss = tokens * v * (4 + c)
+    recompute = 0
+    if checkpointed_blocks(model.num_layers, checkpointing):
+        single = dataclasses.replace(model, num_layers=1)
+        full = activation_bytes(single, method, rank, layer, micro_batch, seq_len, amp, 0, loss_chunk)
+        head_only = activation_bytes(dataclasses.replace(model, num_layers=0), method, rank, layer, micro_batch,
+                                     seq_len, amp, 0, loss_chunk)
+        recompute = full - head_only
+    return max(loss, recompute)
+
+
+def optimizer_8bit_bytes(numbers: int) -> int:
+    """bitsandbytes' AdamW8bit state of one matrix: two uint8 moments + an fp32 absmax per 256."""
+    return 2 * numbers + 2 * 4 * ((numbers + 255) // 256)
 
 
 def estimate(cfg: Config, vocab_size: int | None = None, *, dtype: str = "bf16", micro_batch: int = 1,
-             seq_len: int | None = None, galore_rank: int | None = None, amp: bool = True) -> Estimate:
+             seq_len: int | None = None, galore_rank: int | None = None, amp: bool = True, optimizer: str = "adamw",
+             checkpointing: int = 0, loss_chunk: int = 0) -> Estimate:
     """Analytic parameters, FLOPs and memory of ``cfg``'s model (``dtype`` for weights, grads and
-    optimizer state; activations in bf16 when ``amp``). ``galore_rank`` overrides layer.galore_rank."""
+    optimizer state; activations in bf16 when ``amp``). ``galore_rank`` overrides layer.galore_rank.
+    The levers: ``optimizer`` (adamw, adamw8bit), ``checkpointing`` (every k-th block, 0 off),
+    ``loss_chunk`` (tokens per chunk of the chunked loss, 0: the plain loss)."""
     if dtype not in DTYPE_BYTES:
         raise LostLMError(f"dtype {dtype!r} is not valid; use one of {', '.join(DTYPE_BYTES)}")
     model = _resolve(cfg, vocab_size)
@@ -177,7 +231,8 @@ def estimate(cfg: Config, vocab_size: int | None = None, *, dtype: str = "bf16",
     embed_head = v * d * (1 if model.tie_embeddings else 2)
     norms = (2 * layers + 1) * d
     spec, dense = methods.get(method), methods.get("full")
-    linear = flops = optimizer_numbers = rebuild = 0
+    linear = flops = optimizer_numbers = rebuild = optimizer_8bit = 0
+    eight = optimizer == "adamw8bit"
     for name, m, n in projection_shapes(model):
         targeted = matches(name, layer.targets)
         kind = spec if targeted else dense
@@ -188,9 +243,14 @@ def estimate(cfg: Config, vocab_size: int | None = None, *, dtype: str = "bf16",
             rebuild += kind.rebuild_flops(m, n, rank, layer) * layers
         if targeted and kind.optimizer == "galore":
             optimizer_numbers += galore_state_numbers(m, n, g_rank) * layers
+        elif eight:
+            optimizer_8bit += optimizer_8bit_bytes(params) * layers
         else:
             optimizer_numbers += 2 * params * layers
-    optimizer_numbers += 2 * (embed_head + norms)
+    if eight:  # embeddings/head in 8 bits; the norm gains (< 4096 numbers each) keep fp32 moments
+        optimizer_8bit += optimizer_8bit_bytes(embed_head) + 2 * 4 * norms
+    else:
+        optimizer_numbers += 2 * (embed_head + norms)
     total = embed_head + linear + norms
     flops += 2 * d * v + 2 * 2 * layers * seq_len * d  # LM head + attention scores (the convention of lostlm.costs)
     # Work done once per forward (SLTrain rebuilds W = A B + S), shared by the micro-batch's tokens.
@@ -199,9 +259,13 @@ def estimate(cfg: Config, vocab_size: int | None = None, *, dtype: str = "bf16",
     return Estimate(method=method, preset=cfg.model.preset, dtype=dtype, params_total=total, params_trainable=total,
                     params_embedding_head=embed_head, params_linear=linear, params_other=norms,
                     forward_flops_per_token=flops, train_flops_per_token=train_flops,
-                    weights_bytes=total * b, grads_bytes=total * b, optimizer_bytes=optimizer_numbers * b,
-                    activations_bytes=activation_bytes(model, method, rank, layer, micro_batch, seq_len, amp),
-                    micro_batch=micro_batch, seq_len=seq_len)
+                    weights_bytes=total * b, grads_bytes=total * b, optimizer_bytes=optimizer_numbers * b + optimizer_8bit,
+                    activations_bytes=activation_bytes(model, method, rank, layer, micro_batch, seq_len, amp,
+                                                       checkpointing, loss_chunk),
+                    micro_batch=micro_batch, seq_len=seq_len,
+                    transient_bytes=transient_bytes(model, method, rank, layer, micro_batch, seq_len, amp,
+                                                    checkpointing, loss_chunk),
+                    optimizer=optimizer, checkpointing=checkpointing, loss_chunk=loss_chunk)
 
 
 def estimate_preset(preset: str, method: str, **kwargs) -> Estimate:
@@ -214,11 +278,16 @@ def estimate_preset(preset: str, method: str, **kwargs) -> Estimate:
     return estimate(cfg, PRESET_VOCAB, **kwargs)
 
 
-def estimate_run(cfg: Config, vocab_size: int, micro_batch: int) -> Estimate:
+def estimate_run(cfg: Config, vocab_size: int, micro_batch: int, amp: bool | None = None) -> Estimate:
     """What one of *our* runs holds: fp32 master weights, grads and Adam state, bf16 activations
-    when autocast is on (the trainer's default where bf16 is native)."""
-    amp = cfg.train.precision != "fp32"
-    return estimate(cfg, vocab_size, dtype="fp32", micro_batch=micro_batch, amp=amp)
+    when autocast is on (pass ``amp``: the trainer's choice, which depends on the CPU), and the
+    run's levers (optimizer, activation checkpointing, loss path)."""
+    t = cfg.train
+    if amp is None:
+        amp = t.precision != "fp32"
+    return estimate(cfg, vocab_size, dtype="fp32", micro_batch=micro_batch, amp=amp, optimizer=t.optimizer,
+                    checkpointing=t.activation_checkpointing,
+                    loss_chunk=t.loss_chunk_tokens if t.loss_impl == "chunked" else 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,14 +301,14 @@ def _gb(n: float) -> str:
 def format_table(rows: list[Estimate]) -> str:
     """Markdown table of estimates (G = 10⁹)."""
     head = ("| preset | method | params (M) | trainable linear (M) | fwd GFLOP/token | weights+optim (GB) | "
-            "weights+grads+optim (GB) | activations (GB) | vs full (W+G+O) |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+            "weights+grads+optim (GB) | activations (GB) | loss/recompute buffers (GB) | total (GB) | vs full (W+G+O) |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     full = {r.preset: r for r in rows if r.method == "full"}
     for r in rows:
         ratio = r.state_bytes / full[r.preset].state_bytes if r.preset in full else float("nan")
         lines.append(f"| {r.preset} | {r.method} | {r.params_total / 1e6:.1f} | {r.params_linear / 1e6:.1f} | "
                      f"{r.forward_flops_per_token / 1e9:.3f} | {_gb(r.weights_optimizer_bytes)} | {_gb(r.state_bytes)} | "
-                     f"{_gb(r.activations_bytes)} | {ratio:.2f} |")
+                     f"{_gb(r.activations_bytes)} | {_gb(r.transient_bytes)} | {_gb(r.total_bytes)} | {ratio:.2f} |")
     return "\n".join(lines)
 
 
@@ -250,6 +319,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPE_BYTES), help="weights/grads/optimizer dtype (bf16: paper convention)")
     p.add_argument("--micro-batch", type=int, default=1, help="sequences per forward for the activation estimate")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"), help="Adam moments in dtype or 8-bit")
+    p.add_argument("--checkpointing", type=int, default=0, metavar="K", help="recompute every K-th block (0: off)")
+    p.add_argument("--loss", default="plain", choices=("plain", "chunked"), help="loss path (train.loss_impl)")
+    p.add_argument("--loss-chunk", type=int, default=1024, help="tokens per chunk of the chunked loss")
+    p.add_argument("--fp32-activations", action="store_true", help="activations in fp32 (no bf16 autocast)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_estimate)
 
@@ -261,15 +335,19 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     for preset in presets:
         if preset not in PRESETS:
             raise LostLMError(f"--preset {preset} is not a preset; use one of {', '.join(PRESETS)}")
-    if args.micro_batch < 1 or args.seq_len < 2:
-        raise LostLMError("--micro-batch must be >= 1 and --seq-len >= 2")
+    if args.micro_batch < 1 or args.seq_len < 2 or args.checkpointing < 0 or args.loss_chunk < 1:
+        raise LostLMError("--micro-batch must be >= 1, --seq-len >= 2, --checkpointing >= 0 and --loss-chunk >= 1")
     methods = args.method or list(METHODS)
-    rows = [estimate_preset(p, m, dtype=args.dtype, micro_batch=args.micro_batch, seq_len=args.seq_len)
+    levers = dict(optimizer=args.optimizer, checkpointing=args.checkpointing, amp=not args.fp32_activations,
+                  loss_chunk=args.loss_chunk if args.loss == "chunked" else 0)
+    rows = [estimate_preset(p, m, dtype=args.dtype, micro_batch=args.micro_batch, seq_len=args.seq_len, **levers)
             for p in presets for m in methods]
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=1))
         return 0
-    print(f"Analytic estimate: {args.dtype} weights/grads/Adam moments, bf16 activations for micro-batch "
-          f"{args.micro_batch} × {args.seq_len} tokens, vocab {PRESET_VOCAB}, preset ranks; 1 GB = 10⁹ bytes.")
+    print(f"Analytic estimate: {args.dtype} weights/grads, {args.optimizer} moments, "
+          f"{'fp32' if args.fp32_activations else 'bf16'} activations for micro-batch {args.micro_batch} × "
+          f"{args.seq_len} tokens, checkpointing every {args.checkpointing or '-'} block(s), {args.loss} loss, "
+          f"vocab {PRESET_VOCAB}, preset ranks; 1 GB = 10⁹ bytes.")
     print(format_table(rows))
     return 0

@@ -15,23 +15,24 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .losses import token_losses
+from .losses import sequence_sums
 from .runtime import autocast_context, autocast_dtype, resolve_device
 
 
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                  distributed: bool = False) -> dict[str, float]:
-    """Loss over ``batches`` of (B, T+1) token ids; all-reduced over processes when distributed."""
+                  distributed: bool = False, chunk: int = 1024) -> dict[str, float]:
+    """Loss over ``batches`` of (B, T+1) token ids; all-reduced over processes when distributed.
+    ``chunk`` > 0: the chunked head + loss (never all logits, :mod:`lostlm.losses`); 0: plain."""
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in batches:
         batch = batch.to(device)
         with autocast():
-            logits = model(batch[:, :-1])
-        sums, counts = token_losses(logits, batch[:, 1:])
+            per_token, _ = model(batch[:, :-1], batch[:, 1:], chunk=chunk, with_lse=False)
+        sums, counts = sequence_sums(per_token, batch[:, 1:])
         totals += torch.stack([sums.sum(), counts.sum()]).double()
     if distributed:
         dist.all_reduce(totals)
@@ -61,5 +62,6 @@ def evaluate_checkpoint(path: Path, overrides: list[str] | None = None) -> dict:
     data = build_data(run.config.data, run.config.train.seed)
     model = run.model.to(device)
     batch = run.config.train.micro_batch_size or run.config.train.batch_size
-    result = evaluate_loss(model, data.val_batches(batch), device, autocast_context(device, amp))
+    chunk = run.config.train.loss_chunk_tokens if run.config.train.loss_impl == "chunked" else 0
+    result = evaluate_loss(model, data.val_batches(batch), device, autocast_context(device, amp), chunk=chunk)
     return {"checkpoint": str(run.checkpoint), "step": run.step, "method": run.config.layer.method, **result}

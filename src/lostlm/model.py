@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .configs import ModelConfig
+from .losses import head_losses
 
 
 class RMSNorm(nn.Module):
@@ -83,8 +85,16 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = MLP(cfg)
+        self.checkpointed = False  # set by set_activation_checkpointing
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            # Non-reentrant (as torchtitan's checkpoint_wrapper): keeps only this block's input
+            # and reruns its forward in backward. Inside forward, so FSDP2's hooks stay outside.
+            return checkpoint(self._block, x, cos, sin, use_reentrant=False)
+        return self._block(x, cos, sin)
+
+    def _block(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -106,7 +116,11 @@ class LlamaBackbone(nn.Module):
 
 
 class LlamaLM(nn.Module):
-    """Decoder-only LM. ``forward(input_ids) -> logits`` (batch, length, vocab)."""
+    """Decoder-only LM. ``forward(input_ids) -> logits`` (batch, length, vocab);
+    ``forward(input_ids, targets, chunk=...) -> (per-token loss, log-sum-exp)`` (batch, length),
+    float32, without ever holding all the logits when ``chunk`` > 0 (:mod:`lostlm.losses`).
+    The loss is computed inside forward so DDP, FSDP2 and torch.compile see the LM head used
+    where they expect it."""
 
     def __init__(self, cfg: ModelConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -131,12 +145,29 @@ class LlamaLM(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final-norm output (batch, length, hidden): what the LM head reads."""
         length = input_ids.shape[1]
         if length > self.config.max_seq_len:
             raise ValueError(f"sequence of {length} tokens exceeds model.max_seq_len={self.config.max_seq_len}")
         cos, sin = self.rope_cos[:length], self.rope_sin[:length]
-        return self.lm_head(self.model(input_ids, cos, sin))
+        return self.model(input_ids, cos, sin)
+
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, chunk: int = 0,
+                with_lse: bool = True):
+        hidden = self.hidden_states(input_ids)
+        if targets is None:
+            return self.lm_head(hidden)
+        return head_losses(hidden, self.lm_head.weight, targets, chunk, with_lse)
+
+
+def set_activation_checkpointing(model: nn.Module, every: int) -> int:
+    """Checkpoint every ``every``-th decoder block (blocks 0, k, 2k, ...; 0 switches it off).
+    Returns how many blocks are checkpointed."""
+    blocks = [m for m in model.modules() if isinstance(m, DecoderLayer)]
+    for index, block in enumerate(blocks):
+        block.checkpointed = every > 0 and index % every == 0
+    return sum(block.checkpointed for block in blocks)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:

@@ -1,7 +1,10 @@
 """Optimizer and learning-rate schedule.
 
 * AdamW (β = 0.9/0.95) for every method; weight decay only on matrices (norm gains and other
-  vectors are not decayed).
+  vectors are not decayed). ``train.optimizer=adamw8bit``: bitsandbytes' ``AdamW8bit`` (8-bit
+  blockwise-quantised moments, CPU kernels included; tensors under 4096 numbers keep fp32
+  moments, bitsandbytes' ``min_8bit_size``), for every method except GaLore (galore-torch's
+  ``GaLoreAdamW8bit`` asserts CUDA). Its state is tensors and ints: checkpoints hold it exactly.
 * Methods whose registry entry asks for ``optimizer="galore"`` (``layer.method = galore``):
   the targeted projections stay dense and are trained with ``galore_torch.GaLoreAdamW`` (gradient projected to rank ``layer.galore_rank``, projection
   refreshed every ``layer.galore_update_gap`` steps); everything else with plain Adam inside
@@ -20,6 +23,7 @@ from torch import nn
 from . import methods
 from .configs import Config
 from .convert import matches
+from .errors import LostLMError
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -43,6 +47,13 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def _adamw(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     t = cfg.train
+    if t.optimizer == "adamw8bit":
+        try:
+            from bitsandbytes.optim import AdamW8bit
+        except ImportError:
+            raise LostLMError("train.optimizer=adamw8bit needs bitsandbytes; pip install 'lostlm[8bit]' "
+                              "(or pip install bitsandbytes)") from None
+        return AdamW8bit(_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8)
     fused = next(model.parameters()).device.type == "cuda"
     return torch.optim.AdamW(_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=fused or None)
 
@@ -51,6 +62,9 @@ def _galore(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     from galore_torch import GaLoreAdamW
 
     t = cfg.train
+    if t.optimizer == "adamw8bit":
+        raise LostLMError("train.optimizer=adamw8bit does not combine with layer.method=galore (galore-torch's "
+                          "GaLoreAdamW8bit needs CUDA); use train.optimizer=adamw")
     galore_ids = set()
     galore_params = []
     for name, module in model.named_modules():

@@ -40,7 +40,10 @@ def _is_projector(obj: Any) -> bool:
 def encode(obj: Any, tensors: dict[str, torch.Tensor], prefix: str = "t") -> Any:
     """Replace every tensor by a reference into ``tensors``; GaLore projectors by their fields."""
     if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().cpu().contiguous()
+        tensor = obj.detach().cpu().contiguous()
+        if any(t.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr() for t in tensors.values()):
+            tensor = tensor.clone()  # safetensors refuses shared storage (bitsandbytes shares its qmaps)
+        tensors[prefix] = tensor
         if obj.dim() > 1 and not obj.is_contiguous():
             # Keep the memory layout: a matmul with a transposed/sliced view rounds differently
             # than with a contiguous copy, and resume must be bit-exact (GaLore's projectors).

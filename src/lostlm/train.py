@@ -44,7 +44,8 @@ from .data import build_data
 from .errors import LostLMError
 from .evaluate import evaluate_loss, unigram_perplexity
 from .loggers import Loggers
-from .losses import sequence_losses, z_loss
+from .losses import sequence_means, z_loss_from_lse
+from .model import set_activation_checkpointing
 from .optim import build_optimizer, lr_at
 from .parallel import wrap_for_training
 from .reweight import sample_weights, weight_stats
@@ -130,6 +131,8 @@ class Trainer:
         self.stop = StopFlag()
         self._optimizer_state = None
         self._resume_or_start()  # weights now, the optimizer's state once it exists
+        set_activation_checkpointing(self.model, t.activation_checkpointing)
+        self.loss_chunk = t.loss_chunk_tokens if t.loss_impl == "chunked" else 0
         self.train_model = wrap_for_training(self.model, self.env, self.device, t.parallel, t.compile)
         # Built after wrapping: FSDP2 replaces the parameters by sharded DTensors.
         self.optimizer = build_optimizer(self.model, cfg)
@@ -241,17 +244,18 @@ class Trainer:
 
     def _micro_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Forward and backward of one micro-batch: (global per-sequence losses, their weights, z-loss)."""
-        with self._autocast():
-            logits = self.train_model(inputs)
-        seq_loss = sequence_losses(logits, targets)
+        with_lse = self.cfg.train.z_loss > 0
+        with self._autocast():  # per-token losses and log-sum-exp, never all logits when chunked
+            per_token, lse = self.train_model(inputs, targets, chunk=self.loss_chunk, with_lse=with_lse)
+        seq_loss = sequence_means(per_token, targets)
         global_losses = self._gather(seq_loss.detach())
         weights = sample_weights(global_losses, self.cfg.reweight, self.step)
         start = self.env.rank * seq_loss.numel()  # this process's rows, by *global* rank
         local_weights = weights[start:start + seq_loss.numel()]
         loss = (local_weights * seq_loss).sum() * self.env.world_size
         z_value = 0.0
-        if self.cfg.train.z_loss > 0:
-            z = z_loss(logits, targets)
+        if with_lse:
+            z = z_loss_from_lse(lse, targets)
             loss = loss + self.cfg.train.z_loss * z
             z_value = z.item()
         (loss / self.accumulation).backward()
@@ -273,7 +277,8 @@ class Trainer:
         if self.env.world_size > 1 and self.cfg.train.parallel == "fsdp":
             from .parallel import even_batches  # FSDP2: every forward is collective
             batches = even_batches(batches, self.device)
-        return evaluate_loss(self.train_model, batches, self.device, self._autocast, self.env.world_size > 1)
+        return evaluate_loss(self.train_model, batches, self.device, self._autocast, self.env.world_size > 1,
+                             chunk=self.loss_chunk)
 
     def save(self) -> Path | None:
         """Checkpoint this step (once: a step already saved is not written again)."""

@@ -123,6 +123,10 @@ def validate(cfg: Any, presets: dict) -> None:
     _choice("train", "resume", t.resume, ("auto", "never"))
     _choice("train", "device", t.device, ("auto", "cpu", "cuda"))
     _choice("train", "parallel", t.parallel, ("ddp", "fsdp"))
+    _choice("train", "loss_impl", t.loss_impl, ("chunked", "plain"))
+    _choice("train", "optimizer", t.optimizer, ("adamw", "adamw8bit"))
+    _require(t.loss_chunk_tokens > 0 and t.activation_checkpointing >= 0,
+             "config train.loss_chunk_tokens must be positive and train.activation_checkpointing >= 0 (0 off, k every k-th block)")
     for logger in t.loggers:
         _choice("train", "loggers", logger, ("jsonl", "tensorboard", "wandb"))
     _choice("reweight", "strategy", rw.strategy, ("uniform", "linupper", "quadratic", "extremes"))

@@ -183,8 +183,8 @@ TABLE_NOTE = ("Validation perplexity is token-weighted over the whole held-out s
               "`lostlm.costs`) ÷ the measured peak above.")
 
 BREAKDOWN_NOTE = ("Memory breakdown (MiB): analytic parts (fp32 weights and grads, fp32 Adam moments, bf16 activations "
-                  "saved for backward over one micro-batch) next to the measured peak; the rest is the Python/torch "
-                  "runtime, the data pipeline and transient buffers (logits' softmax, the optimizer's temporaries).")
+                  "saved for backward over one micro-batch, plus the loss's or a recomputed block's transient buffers) next "
+                  "to the measured peak; the rest is the Python/torch runtime, the data pipeline and other temporaries.")
 
 
 def _main_table(variants: list[dict]) -> list[str]:
@@ -217,7 +217,7 @@ def _breakdown_table(variants: list[dict]) -> list[str]:
         per = e["weights_bytes"] / max(1, e["params_total"])  # bytes per number (4 in fp32)
         emb = 2 * per * e["params_embedding_head"]
         lin = 2 * per * (e["params_linear"] + e["params_other"])
-        total = emb + lin + e["optimizer_bytes"] + e["activations_bytes"]
+        total = emb + lin + e["optimizer_bytes"] + e["activations_bytes"] + e.get("transient_bytes", 0)
         lines.append(f"| {v['name']} | {emb / mib:,.0f} | {lin / mib:,.0f} | {e['optimizer_bytes'] / mib:,.0f} | "
                      f"{e['activations_bytes'] / mib:,.0f} | {total / mib:,.0f} | {a['peak_memory_bytes_mean'] / mib:,.0f} | "
                      f"{(a['peak_memory_bytes_mean'] - total) / mib:,.0f} |")
