@@ -52,6 +52,9 @@ IGNORED = ("time", "tok_per_s", "mfu", "per_s")
 
 def child(argv: list[str]) -> int:
     sys.path.insert(0, os.getcwd())  # as `python -m lostlm` does: files beside the run would be importable
+    # A child started from a background job inherits SIGINT as ignored (POSIX), so Ctrl-C trials
+    # would test nothing before the trainer installs its handler: start as a terminal would.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     fault = json.loads(os.environ.get("LOSTLM_SWEEP_FAULT", "{}"))
     kind = fault.get("kind")
     sig = getattr(signal, fault.get("signal", "SIGTERM"))

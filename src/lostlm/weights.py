@@ -6,6 +6,7 @@ not fit this model" is detected (and worded) in exactly one place.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -64,3 +65,33 @@ def tied_head_names(model: torch.nn.Module) -> tuple[str, ...]:
     if tied is None:
         tied = getattr(config, "tie_word_embeddings", False)
     return ("lm_head.weight",) if tied else ()
+
+
+def read_safetensors_folder(folder: Path, hint: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a Hugging Face-style folder: ``model.safetensors``, or the shards its
+    ``model.safetensors.index.json`` lists. A missing or unreadable file is one line naming it;
+    ``hint`` says what to do when the folder has no safetensors weights at all."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise LostLMError(f"{index} is not a safetensors index ({exc}); save the model again with save_pretrained") from None
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise LostLMError(f"{folder} has no model.safetensors (or sharded index); {hint}")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise LostLMError(f"{path} is missing (listed in the safetensors index); copy the whole folder")
+        try:
+            state.update(load_file(str(path)))
+        except (OSError, SafetensorError) as exc:
+            raise LostLMError(f"{path} is not a readable safetensors file ({exc})") from None
+    return state

@@ -37,7 +37,7 @@ from torch import nn
 from ..configs import LayerConfig, config_from_dict
 from ..convert import convert_linear_layers, matches
 from ..errors import LostLMError
-from ..weights import load_strict
+from ..weights import load_strict, read_safetensors_folder
 
 LOST_CONFIG = "lost_config.json"
 FORMAT = "lostlm-any-model"
@@ -123,24 +123,6 @@ def convert_for_training(model: nn.Module, layer: LayerConfig | None = None, *, 
     return model
 
 
-def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise LostLMError(f"{folder} has no model.safetensors; save the model with save_pretrained (safetensors)")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        if not (folder / name).is_file():
-            raise LostLMError(f"{folder / name} is missing (listed in the safetensors index); copy the whole folder")
-        state.update(load_file(str(folder / name)))
-    return state
-
-
 def from_pretrained(folder: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
     """A folder written by a converted model's ``save_pretrained``, back as that model (eval mode
     off, on the CPU; ``.to(device)`` it). Strict: every tensor must be present and fit."""
@@ -175,7 +157,7 @@ def from_pretrained(folder: str | Path, dtype: torch.dtype | None = None) -> nn.
         raise LostLMError(f"{settings_file} does not rebuild the saved model (converted layers differ); "
                           "was config.json edited?")
     tied = ("lm_head.weight",) if getattr(config, "tie_word_embeddings", False) else ()
-    load_strict(model, _read_tensors(folder), folder, "save the converted model again with save_pretrained", tied)
+    load_strict(model, read_safetensors_folder(folder, "save the model with save_pretrained (safetensors)"), folder, "save the converted model again with save_pretrained", tied)
     if tied:
         model.tie_weights()
     _attach(model, settings)

@@ -13,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from ..configs import ModelConfig
 from ..errors import LostLMError
 from ..model import LlamaLM, rope_tables
-from ..weights import load_strict, tied_head_names
+from ..weights import load_strict, read_safetensors_folder, tied_head_names
 from .names import model_fields
 
 # Values transformers' LlamaConfig assumes when config.json leaves a key out.
@@ -77,31 +75,14 @@ def read_llama_config(path: str | Path) -> ModelConfig:
     return ModelConfig(**model_fields(values))
 
 
-def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise LostLMError(f"{folder} has no model.safetensors (or sharded index); convert .bin weights to safetensors "
-                          "with transformers: LlamaForCausalLM.from_pretrained(dir).save_pretrained(dir)")
-    state: dict[str, torch.Tensor] = {}
-    for name in files:
-        try:
-            state.update(load_file(str(folder / name)))
-        except (OSError, SafetensorError) as exc:
-            raise LostLMError(f"{folder / name} is not a readable safetensors file ({exc})") from None
-    return state
-
-
 @torch.no_grad()
 def llama_from_pretrained(path: str | Path) -> LlamaLM:
     """A local transformers Llama folder (config.json + safetensors) as our dense LlamaLM in
     float32. Built on the meta device and filled from the file, so no random init is spent."""
     folder = Path(path)
     model_cfg = read_llama_config(folder)
-    state = {k: v for k, v in _read_safetensors(folder).items() if not k.endswith("rotary_emb.inv_freq")}
+    state = {k: v for k, v in read_safetensors_folder(folder, "convert .bin weights to safetensors with transformers: "
+                                                        "LlamaForCausalLM.from_pretrained(dir).save_pretrained(dir)").items() if not k.endswith("rotary_emb.inv_freq")}
     if model_cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
     with torch.device("meta"):
