@@ -23,7 +23,8 @@ SHAPE = dict(hidden_size=64, intermediate_size=128, num_heads=4, num_kv_heads=2,
 
 
 def lost_model(method: str = "lost", tie: bool = False, **layer):
-    cfg = config_from_dict({"model": {**SHAPE, "tie_embeddings": tie}, "layer": {"method": method, "rank": 8, **layer}})
+    cfg = config_from_dict({"model": {**SHAPE, "tie_embeddings": tie}, "layer": {"method": method, "rank": 8, **layer},
+                            "data": {"seq_len": SHAPE["max_seq_len"]}})
     model, _ = build_model(cfg, VOCAB)
     with torch.no_grad():  # move away from the initialisation, as training would
         gen = torch.Generator().manual_seed(1)

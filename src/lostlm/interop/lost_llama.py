@@ -30,7 +30,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Gener
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 
-from ..configs import LayerConfig, ModelConfig, config_from_dict
+from ..configs import DataConfig, LayerConfig, ModelConfig, config_from_dict
 from ..convert import convert_linear_layers
 from ..errors import LostLMError
 from ..model import LlamaLM, apply_rope, rope_tables
@@ -88,7 +88,11 @@ class LostLlamaConfig(PretrainedConfig):
     # -- to and from our own configs -------------------------------------------------
     def lostlm_configs(self) -> tuple[ModelConfig, LayerConfig]:
         """(ModelConfig, LayerConfig), validated by lostlm's own rules (LostLMError on bad values)."""
-        cfg = config_from_dict({"model": model_fields(self), "layer": {key: getattr(self, key) for key in LAYER_KEYS}})
+        # Only the model and layer sections matter here; the data section's sequence length is
+        # kept within the model's positions so that the whole config validates.
+        data = {"seq_len": min(DataConfig.seq_len, self.max_position_embeddings)}
+        cfg = config_from_dict({"model": model_fields(self), "layer": {key: getattr(self, key) for key in LAYER_KEYS},
+                                "data": data})
         return cfg.resolved_model(), cfg.layer
 
     @classmethod
