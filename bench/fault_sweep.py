@@ -86,13 +86,13 @@ def child(argv: list[str]) -> int:
 
         def train_step(self, batch):
             poisoned = fault["start"] <= self.step < fault.get("stop", 10**9)
-            original = model.LlamaLM.forward
+            original = model.LlamaLM.hidden_states  # feeds both loss paths (chunked and plain)
             if poisoned:
-                model.LlamaLM.forward = lambda m, *a, **k: original(m, *a, **k) * float("nan")
+                model.LlamaLM.hidden_states = lambda m, *a, **k: original(m, *a, **k) * float("nan")
             try:
                 return real_step(self, batch)
             finally:
-                model.LlamaLM.forward = original
+                model.LlamaLM.hidden_states = original
         train.Trainer.train_step = train_step
     elif kind == "enospc":  # the n-th save fails with a full disk
         real, calls = checkpoint.save_file, {"n": 0}

@@ -41,7 +41,7 @@ def make_run(folder: Path, method: str, tie: bool = False, **layer) -> Path:
     """A run folder as `lostlm train` leaves it (config.yaml, tokenizer/, one checkpoint), with
     the weights moved away from their initialisation as training would."""
     cfg = config_from_dict({"model": {**SHAPE, "tie_embeddings": tie}, "layer": {"method": method, "rank": 8, **layer},
-                            "train": {"out_dir": str(folder)}})
+                            "train": {"out_dir": str(folder)}, "data": {"seq_len": SHAPE["max_seq_len"]}})
     tokenizer = tiny_tokenizer()
     model, _ = build_model(cfg, len(tokenizer))
     with torch.no_grad():

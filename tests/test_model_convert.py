@@ -8,7 +8,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lostlm.build import build_model
-from lostlm.configs import PRESETS, Config, LayerConfig, ModelConfig
+from lostlm.configs import DataConfig, PRESETS, Config, LayerConfig, ModelConfig
 from lostlm.convert import convert_linear_layers
 from lostlm.errors import LostLMError
 from lostlm.interop.names import hf_fields
@@ -22,7 +22,7 @@ def hf_config(m: ModelConfig) -> LlamaConfig:
 
 def small_model_config(**kw) -> ModelConfig:
     cfg = Config(model=ModelConfig(preset="tiny", vocab_size=97, hidden_size=32, intermediate_size=64, num_heads=4,
-                                   num_layers=2, max_seq_len=64, **kw))
+                                   num_layers=2, max_seq_len=64, **kw), data=DataConfig(seq_len=64))
     return cfg.resolved_model()
 
 

@@ -190,13 +190,13 @@ def test_resume_keys_that_change_numbers_are_refused(tmp_path):
 def test_non_finite_steps_are_skipped_then_stop_keeping_the_last_good_checkpoint(tiny_run, tmp_path, monkeypatch, capsys):
     from lostlm.model import LlamaLM
 
-    real_forward = LlamaLM.forward
+    real_hidden = LlamaLM.hidden_states  # both loss paths (chunked and plain) start from these
     poisoned = {"from": 2}
 
-    def forward(self, *args, **kwargs):
-        out = real_forward(self, *args, **kwargs)
+    def hidden_states(self, *args, **kwargs):
+        out = real_hidden(self, *args, **kwargs)
         return out * float("nan") if self.training and trainer.step >= poisoned["from"] else out
-    monkeypatch.setattr(LlamaLM, "forward", forward)
+    monkeypatch.setattr(LlamaLM, "hidden_states", hidden_states)
     trainer = Trainer(load_config(None, tiny_run("nan", train__checkpoint_every=1, train__max_bad_steps=1)))
     with pytest.raises(LostLMError, match=r"non-finite loss nan.* 2 steps in a row up to step 4 .*stopped without saving.*step_00000003"):
         trainer.train()
@@ -211,7 +211,7 @@ def test_non_finite_steps_are_skipped_then_stop_keeping_the_last_good_checkpoint
     assert records[-1]["step"] == 3  # the step that stopped the run logged nothing
 
     # lostlm eval of a checkpoint whose weights are not finite (checksums intact): exit 2, JSON null
-    monkeypatch.setattr(LlamaLM, "forward", real_forward)
+    monkeypatch.setattr(LlamaLM, "hidden_states", real_hidden)
     ckpt = run / "checkpoints" / "step_00000003"
     weights = {k: v * float("nan") if v.is_floating_point() else v for k, v in w3.items()}
     save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})

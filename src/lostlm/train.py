@@ -110,7 +110,10 @@ class Trainer:
             raise
 
     def close(self) -> None:
-        """Release the run folder (the trainer cannot save any more)."""
+        """Stop the data prefetch thread and release the run folder (the trainer cannot save any more)."""
+        data = getattr(self, "data", None)  # absent when building failed before the data existed
+        if data is not None and hasattr(data, "close"):
+            data.close()
         if self.lock is not None:
             self.lock.release()
 

@@ -11,6 +11,7 @@ that releases the GIL for most of its time, so it overlaps the forward/backward 
 
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import weakref
@@ -19,6 +20,17 @@ from typing import Any
 import torch
 
 from .packing import PackedData
+
+# Every wrapper whose thread may be running: stopped and joined at interpreter exit, because a
+# daemon thread still inside a torch call while the interpreter finalises aborts the process
+# ("terminate called without an active exception").
+_LIVE: "weakref.WeakSet[Prefetched]" = weakref.WeakSet()
+
+
+@atexit.register
+def _halt_all() -> None:
+    for prefetched in list(_LIVE):
+        prefetched.close()
 
 
 class Prefetched:
@@ -70,6 +82,7 @@ class Prefetched:
             self._thread = threading.Thread(target=Prefetched._produce, args=(self.inner, args, self._queue, self._stop),
                                             name="lostlm-prefetch", daemon=True)
             weakref.finalize(self, self._stop.set)
+            _LIVE.add(self)
             self._thread.start()
         item = self._queue.get()
         if isinstance(item, BaseException):
