@@ -71,6 +71,13 @@ def child(argv: list[str]) -> int:
                     os.kill(os.getpid(), sig)
                     time.sleep(0.05)
         checkpoint.save_file = save_file
+    elif kind == "slow":  # each training step takes `seconds` longer (keeps a run alive for the lock trial)
+        real_slow_step = train.Trainer.train_step
+
+        def slow_step(self, batch):
+            time.sleep(fault["seconds"])
+            return real_slow_step(self, batch)
+        train.Trainer.train_step = slow_step
     elif kind == "eval":  # signal as the n-th evaluation starts
         real_eval, calls = train.Trainer.evaluate, {"n": 0}
 
@@ -378,7 +385,10 @@ def group_lock(rec: Recorder, corpus: Path, ref: Path) -> None:
         out = WORK / trial
         shutil.rmtree(out, ignore_errors=True)
         args = tiny_args(out, corpus)
-        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        # The first trainer is slowed (3 s a step) so that it still holds the folder when the second,
+        # which pays the whole start-up first, reaches the lock; without that the tiny run could end first.
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+               "LOSTLM_SWEEP_FAULT": json.dumps({"kind": "slow", "seconds": 3.0})}
         first = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", *args], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, env=env)
         deadline = time.time() + 300
@@ -386,10 +396,11 @@ def group_lock(rec: Recorder, corpus: Path, ref: Path) -> None:
             time.sleep(0.1)
         time.sleep(0.5 * i)
         second = run_child(args)
-        out1, err1 = first.communicate(timeout=600)
-        refused = clean_error(second) and f"pid {first.pid}" in second.stderr
+        first_alive = first.poll() is None  # the trial means something only while the first still runs
+        out1, err1 = first.communicate(timeout=1200)
+        refused = first_alive and clean_error(second) and f"pid {first.pid}" in second.stderr
         ok, why = same_run(out, ref) if first.returncode == 0 else (False, err1[-300:])
-        rec.add(trial, "lock", refused and ok, second_err=second.stderr.strip()[-200:], result=why)
+        rec.add(trial, "lock", refused and ok, first_alive=first_alive, second_err=second.stderr.strip()[-200:], result=why)
         shutil.rmtree(out, ignore_errors=True)
 
 
