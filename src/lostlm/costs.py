@@ -10,7 +10,6 @@ lookups are free. The FLOP-rate ceiling that MFU divides by is measured in :mod:
 
 from __future__ import annotations
 
-import contextlib
 import resource
 import sys
 from collections.abc import Iterator
@@ -18,6 +17,8 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .runtime import autocast_context
 
 
 def _is_linear_like(module: nn.Module) -> bool:
@@ -106,9 +107,9 @@ def saved_activation_bytes(model: nn.Module, input_ids: torch.Tensor, amp_dtype:
             seen[ptr] = storage.nbytes()
         return t
 
-    ctx = torch.autocast(input_ids.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    autocast = autocast_context(input_ids.device, amp_dtype)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        with ctx:
+        with autocast():
             logits = model(input_ids[:, :-1])
         loss = F.cross_entropy(logits.float().flatten(0, 1), input_ids[:, 1:].flatten())
         seen[logits.untyped_storage().data_ptr()] = logits.untyped_storage().nbytes()  # alive in the trainer
