@@ -142,3 +142,20 @@ def test_code_fingerprint_follows_what_each_method_reaches(tmp_path):
     after = {m: runkey.code_fingerprint(m, tmp_path) for m in methods}
     moved = {m for m in methods if after[m] != before[m]}
     assert moved == {"cola", "lowrank", "lowrank-svd", "sltrain"}  # lowrank-svd shares LowRankLinear
+
+
+def test_a_started_run_resumes_at_its_own_thread_count(tmp_path):
+    """--threads is not part of a run's key, but the trainer refuses a thread change on resume:
+    the runner keeps the started run's count instead of failing it."""
+    from lostlm.bench.runner import _keep_started_threads
+    from lostlm.configs import Config, save_config
+
+    started = Config()
+    started.train.threads = 2
+    save_config(started, tmp_path / "config.yaml")
+    now = Config()
+    now.train.threads = 1
+    messages = []
+    assert _keep_started_threads(now, tmp_path, messages.append).train.threads == 2
+    assert len(messages) == 1 and "train.threads=2" in messages[0]
+    assert _keep_started_threads(now, tmp_path / "fresh", messages.append).train.threads == 1

@@ -11,6 +11,7 @@ run and around a peak measurement, so heavy jobs on a shared machine queue betwe
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import os
@@ -19,9 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from ..configs import Config, save_config
+from ..configs import Config, read_config_file, save_config
 from ..errors import LostLMError
 from ..peak import cached_peak, measure_peak
+from ..rundir import CONFIG_FILE
 from .recipe import Recipe, Variant, run_config, run_dir
 from .report import write_report
 from .sweep import DIVERGED, chosen_lr, pending_stage_one, run_loss, stage_one, sweep_record
@@ -80,11 +82,28 @@ def _bench_peak(recipe: Recipe, lock: str | None) -> dict:
     return peak
 
 
+def _keep_started_threads(cfg: Config, folder: Path, log) -> Config:
+    """A started run resumes at the thread count it began with: the trainer refuses another one
+    (intra-op reductions would sum in another order), while ``--threads`` is not part of a run's key."""
+    saved = folder / CONFIG_FILE
+    if not saved.is_file():
+        return cfg
+    try:
+        threads = read_config_file(saved).get("train", {}).get("threads")
+    except LostLMError:
+        return cfg  # an unreadable config: the trainer names the problem
+    if isinstance(threads, int) and threads != cfg.train.threads:
+        log(f"  {folder}: started with train.threads={threads}; resuming with it")
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=threads))
+    return cfg
+
+
 def _train(recipe: Recipe, variant: Variant, seed: int, lr: float | None, stage: str, peak: dict, lock: str | None,
            log, failures: list[str]) -> None:
     """One run, unless it is finished (or diverged): queue for the lock, train, record failures."""
     cfg = run_config(recipe, variant, seed, peak["peak_flops_per_s"], lr=lr, stage=stage)
     folder = Path(cfg.train.out_dir)
+    cfg = _keep_started_threads(cfg, folder, log)
     label = f"{stage}/{variant.name} lr {cfg.train.lr:g} seed {seed}"
     if run_loss(folder) is not None:
         log(f"  {label}: done, skipped")
