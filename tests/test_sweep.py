@@ -159,3 +159,21 @@ def test_a_started_run_resumes_at_its_own_thread_count(tmp_path):
     assert _keep_started_threads(now, tmp_path, messages.append).train.threads == 2
     assert len(messages) == 1 and "train.threads=2" in messages[0]
     assert _keep_started_threads(now, tmp_path / "fresh", messages.append).train.threads == 1
+
+
+def test_a_partial_sweep_records_every_finished_grid_point(tmp_path, tiny_run):
+    """Points past an unfinished grid lr are still listed (and still not a choice)."""
+    from lostlm.bench.recipe import run_dir
+    from lostlm.bench.sweep import stage_one, sweep_record
+
+    sweep = {"grid": [3e-4, 1e-3, 3e-3], "seed": 0, "overrides": {"train.steps": 3}, "factor": 3, "max_extensions": 1}
+    recipe = load_recipe(_recipe(tmp_path, tiny_run, sweep=sweep))
+    lost = recipe.variants[1]
+    for lr, loss in ((1e-3, 5.5), (3e-3, 5.25)):          # 3e-4 (the first grid point) is not finished
+        folder = run_dir(recipe, lost, 0, lr=lr, stage="sweep")
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"val_loss": loss}))
+    state = stage_one(recipe, lost)
+    assert state["next"] == 3e-4 and state["points"] == {1e-3: 5.5, 3e-3: 5.25}
+    entry = sweep_record(recipe)["variants"]["lost"]
+    assert [p["lr"] for p in entry["points"]] == [1e-3, 3e-3] and not entry["done"] and entry["chosen_lr"] is None

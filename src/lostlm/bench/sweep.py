@@ -66,6 +66,10 @@ def stage_one(recipe: Recipe, variant: Variant) -> dict:
     sweep = recipe.sweep
     grid = sweep.grid_of(variant)
     points: dict[float, float] = {}
+    for lr in grid:  # every finished grid point, also those past a gap (a partial sweep shows them all)
+        loss = run_loss(run_dir(recipe, variant, sweep.seed, lr=lr, stage="sweep"))
+        if loss is not None:
+            points[lr] = loss
     while True:
         state = decide(points, grid, sweep.factor, sweep.max_extensions)
         if "next" not in state:
