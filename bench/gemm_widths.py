@@ -32,6 +32,21 @@ from lostlm.configs import PRESETS
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _time_sequential(calls: dict, repeats: int) -> dict:
+    """Median of ``repeats`` timings of each call after one warm-up call, the calls one after
+    another (the first version of this script; bench/results/gemm-widths-fp32-epyc-avx2.json)."""
+    out = {}
+    for key, fn in calls.items():
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[key] = sorted(times)[len(times) // 2]
+    return out
+
+
 def _time_round_robin(calls: dict, repeats: int) -> dict:
     """Fastest of ``repeats`` timings of every call, the calls taken in turn each round (a
     warm-up round first), so a burst of load on a shared machine hits every variant alike."""
@@ -89,12 +104,14 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tag", default="fp32")
+    ap.add_argument("--sequential", action="store_true", help="median per GEMM, one GEMM after another (not round-robin)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     model = next((ln.split(":", 1)[1].strip() for ln in flags.splitlines() if ln.startswith("model name")), "")
     out = {"cpu": model, "flags": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags],
            "threads": args.threads, "tokens": args.tokens, "torch": torch.__version__,
+           "timing": "sequential median" if args.sequential else "round-robin fastest",
            "loadavg_before": os.getloadavg(), "rows": []}
     variants = ("cola", "lost", "pad64", "split")
     for preset in args.presets:
@@ -106,7 +123,7 @@ def main() -> None:
                    "flop_ratio": flops(args.tokens, m, n, r, k, True) / flops(args.tokens, m, n, r, k, False)}
             calls = {(variant, name): fn for variant in variants
                      for name, fn in gemms(args.tokens, m, n, r, k, variant).items()}
-            timed = _time_round_robin(calls, args.repeats)
+            timed = (_time_sequential if args.sequential else _time_round_robin)(calls, args.repeats)
             for variant in variants:
                 row[variant] = {name: t * 1e3 for (v, name), t in timed.items() if v == variant}
                 row[variant + "_ms"] = sum(row[variant].values())

@@ -487,7 +487,7 @@ def main() -> int:
             from lostlm.runlock import RunLock
 
             folder = WORK / "runs" / name
-            out["run_folder_after"] = sorted(p.name for p in folder.glob("*")) + sorted(p.name for p in folder.glob(".*"))
+            out["run_folder_after"] = sorted(p.name for p in folder.iterdir())
             try:
                 RunLock(folder).acquire().release()
                 out["run_folder_lock_free"] = True
