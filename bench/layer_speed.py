@@ -15,7 +15,7 @@ Methods: ``dense`` (nn.Linear), ``cola`` (LowRankLinear, σ = SiLU), ``lowrank``
 forward: torch.cat of [σ(xA), x_I] and of the weights, one F.linear, plain autograd — kept
 here only for this comparison) and ``lost-onegemm`` (the current layer with x's gradient from
 one GEMM over [A; E_I] instead of a GEMM over A plus an in-place index_add_ of k columns),
-``lost-pad16`` (the current layer with r+k padded to a multiple of 16). ``--profile`` adds torch.profiler tables of ``lost`` and
+``lost-pad16`` / ``lost-pad64`` (the current layer with r+k padded to a multiple of 16 / 64). ``--profile`` adds torch.profiler tables of ``lost`` and
 ``cola`` at the first preset's shapes.
 
 Writes bench/results/layer-speed-<tag>.json and .md (and -profile.txt with --profile), with
@@ -40,7 +40,7 @@ from torch import nn
 from lostlm.configs import PRESETS
 from lostlm.layers import LOSTLinear, LowRankLinear, _LOSTInputChannels
 
-METHODS = ("dense", "cola", "lowrank", "lost", "lost-pad16", "lost-onegemm", "lost-concat")
+METHODS = ("dense", "cola", "lowrank", "lost", "lost-pad16", "lost-pad64", "lost-onegemm", "lost-concat")
 # How many of each projection a LLaMA block has: q, k, v, o (d→d); gate, up (d→ffn); down (ffn→d).
 BLOCK_COUNTS = {"attn": 4, "up": 2, "down": 1}
 
@@ -74,12 +74,21 @@ class LostOneGemm(LOSTLinear):
 class LostPad16(LOSTLinear):
     """The current LOST layer with the inner width r+k padded by zero columns to a multiple of 16."""
 
+    pad_to = 16
+
     def forward(self, x):
-        _LOSTInputChannels.pad_to = 16
+        _LOSTInputChannels.pad_to = self.pad_to
         try:
             return super().forward(x)
         finally:
             _LOSTInputChannels.pad_to = 1
+
+
+class LostPad64(LostPad16):
+    """... to a multiple of 64 (bench/gemm_widths.py: GEMMs over r+k = 286, 338, 573, 675 run
+    slower per FLOP than over a multiple of 64 on this AVX2 CPU)."""
+
+    pad_to = 64
 
 
 def build(method: str, out_features: int, in_features: int, rank: int, density: float, seed: int) -> nn.Module:
@@ -98,6 +107,8 @@ def build(method: str, out_features: int, in_features: int, rank: int, density: 
         return LOSTLinear(w0, rank, density=density)
     if method == "lost-pad16":
         return LostPad16(w0, rank, density=density)
+    if method == "lost-pad64":
+        return LostPad64(w0, rank, density=density)
     if method == "lost-onegemm":
         return LostOneGemm(w0, rank, density=density)
     if method == "lost-concat":

@@ -134,3 +134,35 @@ def test_estimate_command_prints_the_levers(capsys):
                  "--loss", "chunked"]) == 0
     out = capsys.readouterr().out
     assert "adamw8bit moments" in out and "chunked loss" in out and "| 60m | lost |" in out
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit"])
+def test_optimizer_update_temporaries_match_the_measured_rss_peak(name):
+    """optimizer_step_bytes against the resident-memory peak of a real second step (Linux
+    VmHWM, reset just before it): one 48 MB parameter, above glibc's largest mmap threshold
+    (32 MiB), so every temporary is a fresh mapping that counts in RSS and leaves on free."""
+    from pathlib import Path
+
+    from lostlm.estimate import optimizer_step_bytes
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
+
+    def status(key):
+        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key + ":"))
+        return int(line.split()[1]) * 1024
+
+    numbers = 12 * 2**20
+    param = nn.Parameter(torch.zeros(numbers))
+    if name == "adamw8bit":
+        bnb = pytest.importorskip("bitsandbytes")
+        optimizer = bnb.optim.AdamW8bit([param], lr=1e-3)
+    else:
+        optimizer = torch.optim.AdamW([param], lr=1e-3)
+    param.grad = torch.randn(numbers)
+    optimizer.step()  # creates the state
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status("VmRSS")
+    optimizer.step()
+    measured = status("VmHWM") - before
+    assert measured == pytest.approx(optimizer_step_bytes(name, numbers), rel=0.1)

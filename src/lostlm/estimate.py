@@ -19,6 +19,9 @@ Memory convention (what the papers call "weights + optimizer states")::
     activations= tensors saved for backward for one micro-batch (see :func:`activation_bytes`)
     transient  = the largest short-lived buffers of backward: the loss's (tokens × vocab, or
                  chunk × vocab when chunked) and one recomputed block under checkpointing
+    update     = the optimizer step's own temporaries, alive after backward (activations gone,
+                 grads still held): see :func:`optimizer_step_bytes`
+    peak       = weights + grads + optimizer + max(activations + transient, update)
 
 The levers (``train.*``): ``optimizer=adamw8bit`` keeps each moment of a matrix in 1 byte plus
 one fp32 absmax per 256-number block (bitsandbytes' blockwise quantisation; tensors under 4096
@@ -106,6 +109,7 @@ class Estimate:
     micro_batch: int
     seq_len: int
     transient_bytes: int = 0
+    update_bytes: int = 0
     optimizer: str = "adamw"
     checkpointing: int = 0
     loss_chunk: int = 0
@@ -121,7 +125,8 @@ class Estimate:
 
     @property
     def total_bytes(self) -> int:
-        return self.state_bytes + self.activations_bytes + self.transient_bytes
+        """The peak: backward (activations + its buffers) or the optimizer update, whichever is larger."""
+        return self.state_bytes + max(self.activations_bytes + self.transient_bytes, self.update_bytes)
 
     def to_dict(self) -> dict:
         out = asdict(self)
@@ -189,14 +194,18 @@ def transient_bytes(model: ModelConfig, method: str, rank: int, layer: LayerConf
                     amp: bool = True, checkpointing: int = 0, loss_chunk: int = 0) -> int:
     """The largest short-lived buffers of backward, on top of the saved activations: the
     loss's gradient buffers (plain: the fp32 gradient of the logits and its compute-dtype copy,
-    (4 + c) V per token; chunked: per chunk the fp32 logits and probabilities and two c V
-    copies, plus under autocast the fp32 head-gradient accumulator and its bf16 cast, V d (4 + c))
+    (4 + c) V per token; chunked: per chunk the fp32 logits and their shifted copy, 8 V per
+    token, and the chunk's head-gradient product, c V d, plus under autocast the fp32
+    head-gradient accumulator, 4 V d; measured in fp32 by bench/memory.py's phase peaks)
     and, under checkpointing, one recomputed block's activations."""
     c = 2 if amp else 4
     d, v, tokens = model.hidden_size, model.vocab_size, micro_batch * seq_len
     if loss_chunk:
-        # under autocast the head's fp32 gradient is accumulated apart, then cast (fp32: it is the grad)
-        loss = min(loss_chunk, tokens) * v * (8 + 2 * c) + (v * d * (4 + c) if amp else 0)
+        # per chunk (losses.ChunkedLinearCrossEntropy.backward): the fp32 logits and their shifted
+        # copy (8 V), and the chunk's head-gradient product (V d, compute dtype); under autocast
+        # also the fp32 head-gradient accumulator (4 V d; in fp32 it is the grad itself). The
+        # forward's logits + logsumexp temporaries (8 V per token in fp32) are no larger.
+        loss = min(loss_chunk, tokens) * v * 8 + v * d * (c + (4 if amp else 0))
     else:
         loss = tokens * v * (4 + c)
     recompute = 0
@@ -207,6 +216,20 @@ def transient_bytes(model: ModelConfig, method: str, rank: int, layer: LayerConf
                                      seq_len, amp, 0, loss_chunk)
         recompute = full - head_only
     return max(loss, recompute)
+
+
+# Parameter-sized fp32 temporaries alive at once while one parameter is updated, measured on
+# CPU (bench/memory.py phase peaks; tests/test_estimate.py): torch's AdamW (the per-tensor
+# path, torch's default for CPU tensors) builds ``exp_avg_sq.sqrt() / bias_correction`` (2);
+# bitsandbytes' CPU AdamW8bit dequantises both moments to fp32, copies the gradient and builds
+# the same denominator (5); GaLore's AdamW (galore-torch) keeps sqrt + the normalised update (2).
+UPDATE_TEMPORARIES = {"adamw": 2, "adamw8bit": 5, "galore": 2}
+
+
+def optimizer_step_bytes(optimizer: str, largest_parameter: int) -> int:
+    """Peak temporaries of one optimizer step: the optimizers above update one parameter at a
+    time, so the largest parameter (the embedding or the LM head) sets them, in fp32."""
+    return UPDATE_TEMPORARIES[optimizer] * 4 * largest_parameter
 
 
 def optimizer_8bit_bytes(numbers: int) -> int:
@@ -233,10 +256,12 @@ def estimate(cfg: Config, vocab_size: int | None = None, *, dtype: str = "bf16",
     spec, dense = methods.get(method), methods.get("full")
     linear = flops = optimizer_numbers = rebuild = optimizer_8bit = 0
     eight = optimizer == "adamw8bit"
+    largest = v * d  # the embedding (and the head): larger than any projection in every preset
     for name, m, n in projection_shapes(model):
         targeted = matches(name, layer.targets)
         kind = spec if targeted else dense
         params = kind.parameters(m, n, rank, layer)
+        largest = max(largest, params)
         linear += params * layers
         flops += kind.flops_per_token(m, n, rank, layer) * layers
         if targeted and kind.rebuild_flops is not None:
@@ -265,6 +290,7 @@ def estimate(cfg: Config, vocab_size: int | None = None, *, dtype: str = "bf16",
                     micro_batch=micro_batch, seq_len=seq_len,
                     transient_bytes=transient_bytes(model, method, rank, layer, micro_batch, seq_len, amp,
                                                     checkpointing, loss_chunk),
+                    update_bytes=optimizer_step_bytes("galore" if spec.optimizer == "galore" else optimizer, largest),
                     optimizer=optimizer, checkpointing=checkpointing, loss_chunk=loss_chunk)
 
 
@@ -301,14 +327,16 @@ def _gb(n: float) -> str:
 def format_table(rows: list[Estimate]) -> str:
     """Markdown table of estimates (G = 10⁹)."""
     head = ("| preset | method | params (M) | trainable linear (M) | fwd GFLOP/token | weights+optim (GB) | "
-            "weights+grads+optim (GB) | activations (GB) | loss/recompute buffers (GB) | total (GB) | vs full (W+G+O) |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "weights+grads+optim (GB) | activations (GB) | loss/recompute buffers (GB) | update (GB) | peak (GB) | "
+            "vs full (W+G+O) |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     full = {r.preset: r for r in rows if r.method == "full"}
     for r in rows:
         ratio = r.state_bytes / full[r.preset].state_bytes if r.preset in full else float("nan")
         lines.append(f"| {r.preset} | {r.method} | {r.params_total / 1e6:.1f} | {r.params_linear / 1e6:.1f} | "
                      f"{r.forward_flops_per_token / 1e9:.3f} | {_gb(r.weights_optimizer_bytes)} | {_gb(r.state_bytes)} | "
-                     f"{_gb(r.activations_bytes)} | {_gb(r.transient_bytes)} | {_gb(r.total_bytes)} | {ratio:.2f} |")
+                     f"{_gb(r.activations_bytes)} | {_gb(r.transient_bytes)} | {_gb(r.update_bytes)} | {_gb(r.total_bytes)} | "
+                     f"{ratio:.2f} |")
     return "\n".join(lines)
 
 
