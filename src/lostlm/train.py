@@ -182,7 +182,7 @@ class Trainer:
         ckpt_io.restore_rng(rng)
         try:
             self.data.load_state_dict(position_of_rank(state["data"], self.env.rank, self.env.world_size))
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise LostLMError(f"checkpoint {path}: its data position does not fit this data ({exc.__class__.__name__}); "
                               "it is damaged or from another corpus") from None
         self.step = state["step"]
