@@ -251,3 +251,18 @@ def test_fsdp_setting_in_one_process_saves_name_keyed_state_and_resumes(setup):
     assert resumed.step == 3
     resumed.train()
     assert_same_run(root / "fsdp-one", root / "one", exact=True)
+
+
+def test_hf_stream_is_split_across_processes_and_resumes_exactly(setup):
+    """data.source=hf under torchrun: each rank streams its own part of the documents, the
+    checkpoint keeps every rank's position, and N/2 steps resumed to N equal N straight."""
+    root, args = setup
+    hf = dict(data__source="hf", data__hf_name=str(root / "corpus"), data__hf_subset="null", data__hf_val_split="null")
+    torchrun(args("hf", **hf))
+    torchrun(args("hf-resumed", train__steps=3, **hf))
+    position = json.loads((latest_checkpoint(root / "hf-resumed") / "state.json").read_text())["data"]
+    assert position["kind"] == "ranks"
+    assert [(p["rank"], p["world_size"]) for p in position["ranks"]] == [(0, 2), (1, 2)]
+    result = torchrun(args("hf-resumed", **hf))
+    assert "resuming at step 3" in result.stderr
+    assert_same_run(root / "hf-resumed", root / "hf", exact=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -9,11 +10,13 @@ import pytest
 import torch
 
 from lostlm.cli import main
-from lostlm.configs import load_config
+from lostlm.configs import DataConfig, load_config
 from lostlm.data import Prefetched, build_data
 from lostlm.data.prepared import MANIFEST, PreparedData, feistel_permutation, read_manifest
 from lostlm.errors import LostLMError
 from lostlm.train import Trainer
+
+from conftest import generate_documents
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 17, 1000, 4097])
@@ -96,6 +99,47 @@ def test_prepared_training_resumes_exactly_and_has_no_tokeniser_work(prepared, t
 
     a, b = final("straight"), final("resumed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("val_split", [None, "validation"])
+def test_prepare_from_a_streamed_dataset(tmp_path, cache_dir, capsys, val_split):
+    """lostlm prepare data.source=hf: the call a hub name takes (load_dataset(name, subset,
+    split, streaming=True)), here on a local dataset folder (no network)."""
+    from transformers import AutoTokenizer
+
+    docs, val_docs = generate_documents(120, seed=3), generate_documents(10, seed=4)
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    for name, items in (("train", docs), ("validation", val_docs)):
+        (folder / f"{name}.jsonl").write_text("".join(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(items)))
+    out = tmp_path / "prepared-hf"
+    overrides = ["data.source=hf", f"data.hf_name={folder}", "data.hf_subset=null", f"data.hf_val_split={val_split or 'null'}",
+                 f"data.cache_dir={cache_dir}", "data.bpe_vocab_size=400", "data.val_tokens=1024", "data.val_fraction=0.1"]
+    assert main(["prepare", *overrides, "--out", str(out), "--shard-tokens", "2000"]) == 0
+    assert f"data.prepared_dir={out}" in capsys.readouterr().out
+    manifest = read_manifest(out, verify=True)
+    assert manifest["corpus"] == {"source": "hf", "hf_name": str(folder), "hf_subset": None, "hf_split": "train"}
+    assert len(manifest["splits"]["train"]) > 1
+
+    # independent: the stream's documents in order, held out by sha1 (or the validation split),
+    # each tokenised alone by the saved tokenizer and followed by EOS
+    def unit(text: str) -> float:
+        return int(hashlib.sha1(text.encode()).hexdigest(), 16) / 16**40
+
+    train = docs if val_split else [d for d in docs if unit(d) >= 0.1]
+    held = val_docs if val_split else [d for d in docs if unit(d) < 0.1]
+    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+
+    def ids(texts: list[str]) -> list[int]:
+        return [i for t in texts for i in tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+
+    def shards(split: str) -> list[int]:
+        return np.concatenate([np.fromfile(out / s["file"], dtype="<u2") for s in manifest["splits"][split]]).tolist()
+
+    assert held and shards("train") == ids(train) and shards("val") == ids(held)
+    assert manifest["documents"] == {"train": len(train), "val": len(held)}
+    data = build_data(DataConfig(source="prepared", prepared_dir=str(out), seq_len=32, val_tokens=64, prefetch=0), 0)
+    assert data.next_batch(4).shape == (4, 33) and data.vocab_size == len(tok)
 
 
 def test_prefetch_gives_the_same_batches_and_positions(tiny_run):

@@ -40,7 +40,7 @@ from .runlock import RunLock
 from .validation import check_threads
 from .build import build_model
 from .configs import Config
-from .data import build_data
+from .data import build_data, gathered_position, position_of_rank
 from .errors import LostLMError
 from .evaluate import evaluate_loss, unigram_perplexity
 from .loggers import Loggers
@@ -181,8 +181,8 @@ class Trainer:
         self._optimizer_state = (optimizer_state, path)  # loaded after wrapping, in __init__
         ckpt_io.restore_rng(rng)
         try:
-            self.data.load_state_dict(state["data"])
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            self.data.load_state_dict(position_of_rank(state["data"], self.env.rank, self.env.world_size))
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise LostLMError(f"checkpoint {path}: its data position does not fit this data ({exc.__class__.__name__}); "
                               "it is damaged or from another corpus") from None
         self.step = state["step"]
@@ -288,15 +288,26 @@ class Trainer:
         if self._saved_step == self.step:  # the same decision on every process (the gather is collective)
             return self.run_dir / "checkpoints" / f"step_{self.step:08d}"
         model_state, optimizer_state = self._state_dicts()
+        data_position = self._data_position()
         if not self.env.is_main:
             self._saved_step = self.step
             return None
-        state = {"data": self.data.state_dict(), "tokens": self.tokens_seen, "train_seconds": self.train_seconds,
+        state = {"data": data_position, "tokens": self.tokens_seen, "train_seconds": self.train_seconds,
                  "bad_steps": self.bad_steps, "config": self.cfg.to_dict(), "world_size": self.env.world_size}
         path = ckpt_io.save_checkpoint(self.run_dir, self.step, model_state, optimizer_state, state,
                                        keep=self.cfg.train.keep_checkpoints)
         self._saved_step = self.step
         return path
+
+    def _data_position(self) -> dict:
+        """The data position to checkpoint; for a source whose ranks read different documents
+        (hf streams), every rank's, gathered here (a collective: every process calls save())."""
+        position = self.data.state_dict()
+        if self.env.world_size > 1 and self.data.per_rank_position:
+            positions = [None] * self.env.world_size
+            dist.all_gather_object(positions, position)
+            position = gathered_position(positions)
+        return position
 
     def _state_dicts(self):
         if self.cfg.train.parallel == "fsdp":  # name-keyed optimizer state, also for one process

@@ -2,11 +2,13 @@
 
 :class:`PackedData` holds the fixed validation sequences; :class:`MapPackedData` (default/files:
 all tokens in memory, one seeded permutation per epoch) and :class:`StreamingPackedData` (hf:
-tokenized on the fly) hand out the training batches and save/restore their position exactly.
+tokenized on the fly, each rank from its own part of the stream) hand out the training batches
+and save/restore their position exactly.
 """
 
 from __future__ import annotations
 
+import inspect
 import itertools
 from collections.abc import Iterator
 from typing import Any
@@ -50,6 +52,8 @@ class PackedData:
     tokenizer: Any
     seq_len: int
     vocab_size: int
+    per_rank_position = False
+    """True when ranks read different documents, so each rank's position must be saved."""
 
     def __init__(self, cfg: DataConfig, seed: int, tokenizer: Any, val_tokens: np.ndarray, info: dict) -> None:
         self.tokenizer, self.seq_len, self.seed = tokenizer, cfg.seq_len, seed
@@ -141,16 +145,24 @@ class MapPackedData(PackedData):
 
 
 class StreamingPackedData(PackedData):
-    """hf: documents are streamed, tokenized and packed on the fly. Every rank reads and
-    tokenizes the *whole* stream and keeps its slice of each global batch: simple and exactly
-    reproducible, at the cost of world_size-fold redundant tokenization (cheap next to a step).
+    """hf: documents are streamed, tokenized and packed on the fly.
 
-    Each epoch streams the split through ``dataset.shuffle(seed, buffer_size=10000)`` with a
-    seed derived from (seed, epoch), then starts the next epoch. With hf_val_split=null the
-    held-out documents (by hash) are skipped. State: ``{"epoch", "documents_consumed",
-    "buffer"}`` (leftover token ids); resume uses ``dataset.skip(documents_consumed)``, which
-    re-reads (without tokenizing) the skipped documents.
+    With several processes each rank reads its own part of the stream
+    (``datasets.distributed.split_dataset_by_node``: whole shards per rank when the number of
+    shards is a multiple of the world size, else one document in world_size) and packs its own
+    rows of every global batch from it, so no document is tokenized twice. Each epoch streams
+    the split through ``dataset.shuffle(seed, buffer_size=10000)`` with a seed derived from
+    (seed, epoch), the same on every rank, then starts the next epoch (each rank on its own).
+    With hf_val_split=null the held-out documents (by hash) are skipped.
+
+    State (per rank): ``{"epoch", "documents_consumed", "buffer", "rank", "world_size"}``
+    (documents of this rank's stream, leftover token ids); resume re-opens this rank's stream
+    and skips ``documents_consumed`` documents (re-read, not tokenized). The first
+    ``next_batch`` fixes the (rank, world_size) the position belongs to; the trainer gathers the
+    positions of all ranks into one checkpoint (:func:`gathered_position`).
     """
+
+    per_rank_position = True
 
     def __init__(self, cfg: DataConfig, seed: int, tokenizer: Any, val: np.ndarray, info: dict) -> None:
         super().__init__(cfg, seed, tokenizer, val, info)
@@ -158,6 +170,7 @@ class StreamingPackedData(PackedData):
         self.epoch, self.documents_consumed = 0, 0
         self._buffer = np.zeros(0, dtype=np.int32)
         self._iter: Iterator[dict] | None = None
+        self._split: tuple[int, int] | None = None  # (rank, world_size) of the stream read, set by the first batch
         self._info.update(documents="streaming", train_tokens="streaming")
 
     def _open_epoch(self) -> Iterator[dict]:
@@ -166,11 +179,25 @@ class StreamingPackedData(PackedData):
             ds = ds.take(self._cfg.max_documents)
         epoch_seed = int(np.random.SeedSequence([self.seed & 0xFFFFFFFF, self.epoch]).generate_state(1)[0])
         ds = ds.shuffle(seed=epoch_seed, buffer_size=_SHUFFLE_BUFFER)
-        return iter(ds.skip(self.documents_consumed) if self.documents_consumed else ds)
+        rank, world_size = self._split or (0, 1)
+        if world_size > 1:
+            ds = split_stream(ds, rank, world_size, by_document=bool(self._cfg.max_documents))
+        # islice, not ds.skip: after split_dataset_by_node, skip(n) counts documents of the
+        # whole stream, not of this rank's part
+        return itertools.islice(iter(ds), self.documents_consumed, None)
+
+    def _bind(self, rank: int, world_size: int) -> None:
+        if self._split is None:
+            self._split = (rank, world_size)
+        elif self._split != (rank, world_size):
+            raise LostLMError(f"this stream position belongs to rank {self._split[0]} of {self._split[1]} processes, "
+                              f"not rank {rank} of {world_size}; resume a data.source=hf run with the number of "
+                              "processes it started with")
 
     def next_batch(self, batch_size: int, rank: int = 0, world_size: int = 1) -> torch.Tensor:
         local = _check_slice(batch_size, rank, world_size)
-        need, empty_epochs = batch_size * (self.seq_len + 1), 0
+        self._bind(rank, world_size)
+        need, empty_epochs = local * (self.seq_len + 1), 0
         while len(self._buffer) < need:
             if self._iter is None:
                 self._iter = self._open_epoch()
@@ -187,13 +214,14 @@ class StreamingPackedData(PackedData):
             if texts:
                 empty_epochs = 0
                 self._buffer = np.concatenate([self._buffer, encode(self.tokenizer, texts)])
-        rows = self._buffer[:need].reshape(batch_size, self.seq_len + 1)
+        rows = self._buffer[:need].reshape(local, self.seq_len + 1)
         self._buffer = self._buffer[need:].copy()
-        return torch.from_numpy(rows[rank * local:(rank + 1) * local].astype(np.int64))
+        return torch.from_numpy(rows.astype(np.int64))
 
     def state_dict(self) -> dict:
+        rank, world_size = self._split or (None, None)
         return {"kind": "stream", "epoch": self.epoch, "documents_consumed": self.documents_consumed,
-                "buffer": self._buffer.tolist()}
+                "buffer": self._buffer.tolist(), "rank": rank, "world_size": world_size}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("kind") != "stream":
@@ -201,4 +229,39 @@ class StreamingPackedData(PackedData):
                               "resume with the run's own data settings")
         self.epoch, self.documents_consumed = int(state["epoch"]), int(state["documents_consumed"])
         self._buffer = np.asarray(state["buffer"], dtype=np.int32)
+        rank, world_size = state.get("rank"), state.get("world_size")
+        self._split = None if rank is None else (int(rank), int(world_size))
         self._iter = None
+
+
+def split_stream(ds: Any, rank: int, world_size: int, by_document: bool) -> Any:
+    """This rank's part of a streamed dataset (``datasets.distributed.split_dataset_by_node``):
+    whole shards when their number is a multiple of world_size, else one document in world_size;
+    ``by_document`` always takes one document in world_size (needed after ``take``, which the
+    shard split would apply to every shard)."""
+    from datasets.distributed import split_dataset_by_node
+
+    if not by_document:
+        return split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    if "strategy" not in inspect.signature(split_dataset_by_node).parameters:
+        raise LostLMError("data.max_documents with several processes needs split_dataset_by_node(strategy=...), "
+                          "which this datasets version lacks; upgrade datasets, or unset data.max_documents")
+    return split_dataset_by_node(ds, rank=rank, world_size=world_size, strategy="examples")
+
+
+def gathered_position(states: list[dict]) -> dict:
+    """One checkpoint entry for the positions of all ranks (rank order), for a source whose
+    ranks read different documents (``per_rank_position``)."""
+    return {"kind": "ranks", "ranks": list(states)}
+
+
+def position_of_rank(state: dict, rank: int, world_size: int) -> dict:
+    """This rank's position in a checkpoint's data entry (the entry itself unless gathered)."""
+    if state.get("kind") != "ranks":
+        return state
+    ranks = state.get("ranks")
+    if not isinstance(ranks, list) or len(ranks) != world_size:
+        count = len(ranks) if isinstance(ranks, list) else "?"
+        raise LostLMError(f"the checkpoint holds the data positions of {count} processes, and this run has "
+                          f"{world_size}; resume with the number of processes the run started with")
+    return ranks[rank]
