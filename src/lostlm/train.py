@@ -219,8 +219,8 @@ class Trainer:
         """Forward/backward over the micro-batches of this process's slice, then one update."""
         self.train_model.train()
         lr = lr_at(self.step, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # an optional per-group "lr_scale" (bench/spike_60m.py)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         batch = batch.to(self.device, non_blocking=True)
         loss_sum, z_sum, spread = 0.0, 0.0, {}
         self.diag.start_step(self.step)
