@@ -119,3 +119,40 @@ def test_trainer_logs_diagnostics_and_spikes(tiny_run, tmp_path):
     off = load_config(None, tiny_run("off", train__steps=2, train__diagnostics=False))
     Trainer(off).train()
     assert not any("grad_norms" in line for line in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_adams_first_step_moves_lost_sparse_block_most_relative_to_its_size():
+    """The mechanism behind the 60m spike (docs/results.md): Adam's first step moves every entry
+    by lr (m̂/√v̂ = sign g), so a group's update ratio is lr·√n / ‖W‖ = lr / rms(W), and LOST's
+    sparse block (top columns of the SVD residual) has the smallest rms of the model."""
+    from lostlm.optim import build_optimizer
+
+    lr = 1e-3
+    cfg = load_config(None, [f"train.lr={lr}", "train.weight_decay=0"])
+    model = tiny_model("lost")
+    optimizer = build_optimizer(model, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    backward_once(model)
+    before = snapshot(model)
+    optimizer.step()
+    ratios = update_ratios(model, before)
+    named = dict(model.named_parameters())
+    for group in ("attn.v.sparse", "attn.v.down", "attn.v.up", "mlp.up.sparse", "mlp.up.down"):
+        names = [n for n in named if group_of(n) == group]
+        w = torch.cat([before[n].reshape(-1) for n in names])
+        assert math.isclose(ratios[group], lr / w.pow(2).mean().sqrt().item(), rel_tol=1e-2), group
+    assert ratios["attn.v.sparse"] > max(ratios["attn.v.down"], ratios["attn.v.up"])
+    assert ratios["mlp.up.sparse"] > max(ratios["mlp.up.down"], ratios["mlp.up.up"])
+
+
+def test_the_diagnostics_switch_is_bookkeeping():
+    """It changes no run key and may differ on resume (old run folders have no such key)."""
+    from lostlm.bench.runkey import run_key
+    from lostlm.rundir import significant_differences
+
+    on, off = load_config(None, ["train.diagnostics=true"]), load_config(None, ["train.diagnostics=false"])
+    assert run_key(on)["hash"] == run_key(off)["hash"]
+    saved = on.to_dict()
+    del saved["train"]["diagnostics"]
+    assert significant_differences(saved, off.to_dict()) == []
