@@ -116,6 +116,8 @@ def overrides(run: dict) -> list[str]:
               "train.batch_size": run["batch"], "train.micro_batch_size": run["micro"], "train.steps": run["steps"],
               "train.threads": 2, "train.progress": False, "train.peak_flops": 1e9, "train.checkpoint_every": 0,
               "train.out_dir": str(WORK / "runs" / run["name"]), "train.resume": "never",
+              # the logged steps' diagnostics copy the weights (update ratios): not what is measured here
+              "train.diagnostics": "false",
               **_levers(run["method"], run["lever"])}
     return [f"{k}={v}" for k, v in values.items()]
 

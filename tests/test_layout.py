@@ -21,7 +21,7 @@ LAYERS = [
     {"methods"},
     {"model"},
     {"convert"},
-    {"data", "optim", "reweight", "checkpoint", "costs", "peak", "parallel", "plots"},
+    {"data", "optim", "reweight", "checkpoint", "costs", "peak", "parallel", "plots", "diagnostics"},
     {"interop", "build"},
     {"loading", "evaluate"},
     {"rundir", "summary", "loggers", "train"},

@@ -173,6 +173,11 @@ class TrainConfig:
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])
     """Where metrics go (rank 0): jsonl (metrics.jsonl, always on), tensorboard (needs the
     ``[tensorboard]`` extra), wandb (offline, needs the ``[wandb]`` extra)."""
+    diagnostics: bool = True
+    """At every log step, add per-group gradient norms, update-to-weight ratios and the max
+    logit to metrics.jsonl (lostlm.diagnostics; costs a copy of the weights and one LM-head
+    product over a micro-batch per log step: those steps' peak memory grows by the trainable
+    weights' size, so set it false when measuring peak memory). Loss-spike events are logged either way."""
     loss_impl: str = "chunked"
     """chunked (LM head + cross-entropy over token chunks, never all logits) or plain."""
     loss_chunk_tokens: int = 1024

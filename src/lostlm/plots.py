@@ -15,12 +15,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) of a metrics.jsonl file."""
+    """(train records, eval records) of a metrics.jsonl file (event records, such as loss
+    spikes, are neither)."""
     train, evals = [], []
     if Path(path).is_file():
         for line in Path(path).read_text().splitlines():
             if line.strip():
                 record = json.loads(line)
+                if "event" in record:
+                    continue
                 (evals if "val_loss" in record else train).append(record)
     return train, evals
 

@@ -36,7 +36,8 @@ METRICS_FILE = "metrics.jsonl"
 # (decides whether a run stops). train.steps is a special case (see steps_change_is_safe):
 # it may change when the learning rate of every step already taken stays the same.
 OPERATIONAL_KEYS = {"train": {"eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "out_dir",
-                              "resume", "progress", "peak_flops", "loggers"},
+                              "resume", "progress", "peak_flops", "loggers",
+                              "diagnostics"},
                     "data": {"cache_dir", "prefetch"}}
 
 

@@ -40,7 +40,8 @@ from .runlock import RunLock
 from .validation import check_threads
 from .build import build_model
 from .configs import Config
-from .data import build_data, gathered_position, position_of_rank
+from .data import build_data, checkpoint_position, position_of_rank
+from .diagnostics import Diagnostics
 from .errors import LostLMError
 from .evaluate import evaluate_loss, unigram_perplexity
 from .loggers import Loggers
@@ -133,6 +134,8 @@ class Trainer:
         self._saved_step = None
         self.stop = StopFlag()
         self._optimizer_state = None
+        warmup = t.warmup_steps if t.warmup_steps is not None else max(1, t.steps // 10)  # as optim.lr_at
+        self.diag = Diagnostics(self.model, t, warmup, t.diagnostics)
         self._resume_or_start()  # weights now, the optimizer's state once it exists
         set_activation_checkpointing(self.model, t.activation_checkpointing)
         self.loss_chunk = t.loss_chunk_tokens if t.loss_impl == "chunked" else 0
@@ -189,6 +192,7 @@ class Trainer:
         self.tokens_seen = state["tokens"]
         self.train_seconds = state.get("train_seconds", 0.0)
         self.bad_steps = state.get("bad_steps", 0)
+        self.diag.spikes.load_state_dict(state.get("loss_spikes"))
         self._saved_step = self.step
 
     def _load_optimizer_state(self, optimizer_state: dict, path: Path) -> None:
@@ -215,10 +219,11 @@ class Trainer:
         """Forward/backward over the micro-batches of this process's slice, then one update."""
         self.train_model.train()
         lr = lr_at(self.step, self.cfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        for group in self.optimizer.param_groups:  # an optional per-group "lr_scale" (bench/spike_60m.py)
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         batch = batch.to(self.device, non_blocking=True)
         loss_sum, z_sum, spread = 0.0, 0.0, {}
+        self.diag.start_step(self.step)
         for index, micro in enumerate(batch.split(self.micro_batch)):
             last = index == self.accumulation - 1
             sync = contextlib.nullcontext() if last or not hasattr(self.train_model, "no_sync") else self.train_model.no_sync()
@@ -228,6 +233,7 @@ class Trainer:
             z_sum += z
             if self.cfg.reweight.strategy != "uniform":
                 spread = weight_stats(weights)
+        self.diag.after_backward()  # pre-clip group norms
         grad_norm = self._clip_gradients()
         if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
             # Checked before the update: a non-finite step changes no weight and no optimizer
@@ -237,7 +243,9 @@ class Trainer:
             self.bad_steps += 1
             return {"loss": loss_sum / self.accumulation, "lr": lr, "grad_norm": grad_norm, "skipped": 1}
         self.bad_steps = 0
+        self.diag.before_update()
         self.optimizer.step()
+        self.diag.after_update()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         out = {"loss": loss_sum / self.accumulation, "lr": lr, "grad_norm": grad_norm, **spread}
@@ -288,26 +296,17 @@ class Trainer:
         if self._saved_step == self.step:  # the same decision on every process (the gather is collective)
             return self.run_dir / "checkpoints" / f"step_{self.step:08d}"
         model_state, optimizer_state = self._state_dicts()
-        data_position = self._data_position()
+        data_position = checkpoint_position(self.data, self.env.world_size)
         if not self.env.is_main:
             self._saved_step = self.step
             return None
         state = {"data": data_position, "tokens": self.tokens_seen, "train_seconds": self.train_seconds,
-                 "bad_steps": self.bad_steps, "config": self.cfg.to_dict(), "world_size": self.env.world_size}
+                 "bad_steps": self.bad_steps, "config": self.cfg.to_dict(), "world_size": self.env.world_size,
+                 "loss_spikes": self.diag.spikes.state_dict()}
         path = ckpt_io.save_checkpoint(self.run_dir, self.step, model_state, optimizer_state, state,
                                        keep=self.cfg.train.keep_checkpoints)
         self._saved_step = self.step
         return path
-
-    def _data_position(self) -> dict:
-        """The data position to checkpoint; for a source whose ranks read different documents
-        (hf streams), every rank's, gathered here (a collective: every process calls save())."""
-        position = self.data.state_dict()
-        if self.env.world_size > 1 and self.data.per_rank_position:
-            positions = [None] * self.env.world_size
-            dist.all_gather_object(positions, position)
-            position = gathered_position(positions)
-        return position
 
     def _state_dicts(self):
         if self.cfg.train.parallel == "fsdp":  # name-keyed optimizer state, also for one process
@@ -407,9 +406,12 @@ class Trainer:
         t = self.cfg.train
         tokens_per_step = t.batch_size * self.cfg.data.seq_len
         final = self.step == t.steps
+        watched, spike = self.diag.finish_step(self.step, stats["loss"])
         if self.step % t.log_every == 0 or final:
             self._log({"step": self.step, "tokens": self.tokens_seen, **stats,
-                       "tok_per_s": tokens_per_step / elapsed, "time": self.train_seconds})
+                       "tok_per_s": tokens_per_step / elapsed, "time": self.train_seconds, **watched})
+        if spike is not None:
+            self._loss_spike(spike)
         if self.step % t.eval_every == 0 or final:
             last_eval = self.evaluate()
             self._log({"step": self.step, "tokens": self.tokens_seen, "time": self.train_seconds, **last_eval})
@@ -423,6 +425,15 @@ class Trainer:
             progress.set_postfix(postfix)
         return last_eval
 
+    def _loss_spike(self, event: dict) -> None:
+        """Log a loss-spike event; warn when an episode starts (docs/results.md, 60m spike)."""
+        self._log({**event, "tokens": self.tokens_seen, "time": self.train_seconds})
+        if event["first"] and self.env.is_main:
+            print(f"warning: loss spike at step {event['step']}: loss {event['loss']:.3f} is more than "
+                  f"{self.diag.spikes.threshold} nats above the running minimum {event['running_min']:.3f}; if it "
+                  "recurs, lower train.lr or lengthen train.warmup_steps (see metrics.jsonl grad_norms/update_ratios)",
+                  file=sys.stderr)
+
     def _summarise(self, evaluation: dict, session: Session) -> dict:
         unigram = None
         if self.env.is_main:
@@ -430,6 +441,7 @@ class Trainer:
         summary = build_summary(self.cfg, self.model, self.device, self.env.world_size, self.amp_dtype,
                                 {"step": self.step, "tokens": self.tokens_seen}, evaluation, self.micro_batch,
                                 session, unigram)
+        summary["loss_spikes"] = self.diag.spikes.count
         if self.env.is_main:
             write_summary(self.run_dir, summary)
             self.loggers.summary(summary)

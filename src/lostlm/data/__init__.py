@@ -42,7 +42,8 @@ from .corpus import (
     prepare_corpus_from_archives,
     prepare_default_corpus,
 )
-from .packing import MapPackedData, PackedData, StreamingPackedData, gathered_position, position_of_rank
+from .packing import (MapPackedData, PackedData, StreamingPackedData, checkpoint_position, gathered_position,
+                      position_of_rank)
 from .prefetch import Prefetched
 from .prepared import PreparedData, prepare
 from .readers import corpus_fingerprint, read_documents, resolve_paths, split_documents, stream_texts
@@ -50,7 +51,7 @@ from .tokenizer import BPE_EOS, encode, encode_all, load_tokenizer, load_tokeniz
 
 __all__ = [
     "BPE_EOS", "DEFAULT_CORPUS", "NPM_SOURCES", "PYPI_SOURCES", "MapPackedData", "PackedData", "Prefetched",
-    "PreparedData", "StreamingPackedData", "gathered_position", "position_of_rank", "prepare",
+    "PreparedData", "StreamingPackedData", "checkpoint_position", "gathered_position", "position_of_rank", "prepare",
     "build_data", "cache_root", "fetch_default_sources", "load_tokenizer", "prepare_corpus_from_archives",
     "prepare_default_corpus", "read_documents", "split_documents",
 ]

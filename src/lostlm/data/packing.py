@@ -255,6 +255,19 @@ def gathered_position(states: list[dict]) -> dict:
     return {"kind": "ranks", "ranks": list(states)}
 
 
+def checkpoint_position(data, world_size: int) -> dict:
+    """The data position to checkpoint; for a source whose ranks read different documents
+    (``per_rank_position``: hf streams), every rank's, gathered (a collective: every process calls it)."""
+    position = data.state_dict()
+    if world_size > 1 and getattr(data, "per_rank_position", False):
+        import torch.distributed as dist
+
+        positions = [None] * world_size
+        dist.all_gather_object(positions, position)
+        position = gathered_position(positions)
+    return position
+
+
 def position_of_rank(state: dict, rank: int, world_size: int) -> dict:
     """This rank's position in a checkpoint's data entry (the entry itself unless gathered)."""
     if state.get("kind") != "ranks":

@@ -1,0 +1,226 @@
+"""Training diagnostics for metrics.jsonl: where a loss spike starts.
+
+At every log step (``train.diagnostics``, on by default) the trainer adds
+
+* ``grad_norms``     {group: ‖g‖₂} of the raw (pre-clip) gradient of each parameter group;
+  the root-sum-square over the groups is the record's ``grad_norm``;
+* ``update_ratios``  {group: ‖ΔW‖₂ / ‖W‖₂} of the optimizer step just taken (W before it);
+* ``max_logit``      the largest logit of the step's last micro-batch (final-norm hidden
+  states captured by a forward hook, times the LM head, chunked, no grad);
+
+and at every step after warm-up a loss spike (training loss more than :data:`SPIKE_NATS`
+above the running minimum of all earlier steps) is written as an event record
+``{"step", "event": "loss_spike", "loss", "running_min"}``, counted in ``summary.json``
+(``loss_spikes``) and warned about on stderr when an episode starts.
+
+Groups (:func:`group_of`, from parameter names): ``embed``, ``head``, ``norm``, and per
+projection kind ``attn.q`` ``attn.k`` ``attn.v`` ``attn.o`` ``mlp.gate`` ``mlp.up``
+``mlp.down`` (summed over the decoder blocks), split for factorised methods into the parts
+``.down`` / ``.up`` (the low-rank factors A, B), ``.sparse`` (LOST's channel block, SLTrain's
+values) and ``.bias``; a dense projection's weight is the kind alone.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+SPIKE_NATS = 0.5
+"""A loss spike: a training loss more than this many nats above the running minimum."""
+
+_KINDS = {"q_proj": "attn.q", "k_proj": "attn.k", "v_proj": "attn.v", "o_proj": "attn.o",
+          "gate_proj": "mlp.gate", "up_proj": "mlp.up", "down_proj": "mlp.down"}
+_PARTS = {"weight": "", "lowrank_down": ".down", "lowrank_up": ".up", "sparse_weight": ".sparse",
+          "sparse_values": ".sparse", "bias": ".bias"}
+_PROJ = re.compile(r"(?:^|\.)(" + "|".join(_KINDS) + r")\.(\w+)$")
+
+
+def group_of(name: str) -> str:
+    """The diagnostics group of a parameter name (see the module docstring)."""
+    match = _PROJ.search(name)
+    if match:
+        kind, part = _KINDS[match.group(1)], match.group(2)
+        return kind + _PARTS.get(part, "." + part)
+    if "embed" in name:
+        return "embed"
+    if "lm_head" in name:
+        return "head"
+    if "norm" in name:
+        return "norm"
+    return "other"
+
+
+def _groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    seen = set()
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:  # tied weights once
+            seen.add(id(p))
+            groups.setdefault(group_of(name), []).append((name, p))
+    return groups
+
+
+def _sq_norm(t: torch.Tensor) -> float:
+    value = torch.linalg.vector_norm(t.detach().float()) ** 2
+    if hasattr(value, "full_tensor"):  # a sharded DTensor (FSDP2): collective, same on every rank
+        value = value.full_tensor()
+    return float(value)
+
+
+def grad_norms(model: nn.Module) -> dict[str, float]:
+    """{group: ‖gradient‖₂} over the parameters that have a gradient."""
+    out = {}
+    for group, params in _groups(model).items():
+        grads = [p.grad for _, p in params if p.grad is not None]
+        if grads:
+            out[group] = math.sqrt(sum(_sq_norm(g) for g in grads))
+    return out
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of every trainable parameter (the weights before an update)."""
+    return {name: p.detach().clone() for params in _groups(model).values() for name, p in params}
+
+
+def update_ratios(model: nn.Module, before: dict[str, torch.Tensor]) -> dict[str, float]:
+    """{group: ‖W_after − W_before‖₂ / ‖W_before‖₂} (0 where the weights were all zero)."""
+    out = {}
+    for group, params in _groups(model).items():
+        delta = sum(_sq_norm(p.detach() - before[name]) for name, p in params)
+        size = sum(_sq_norm(before[name]) for name, _ in params)
+        out[group] = math.sqrt(delta / size) if size > 0 else 0.0
+    return out
+
+
+class MaxLogitProbe:
+    """Captures the final-norm output of armed forwards and returns the largest logit.
+
+    ``model`` must expose ``lm_head`` and ``model.norm`` (the LLaMA layout of this package and
+    of transformers); otherwise :attr:`available` is False and nothing is recorded."""
+
+    def __init__(self, model: nn.Module, chunk_tokens: int = 1024) -> None:
+        self.head = getattr(model, "lm_head", None)
+        norm = getattr(getattr(model, "model", None), "norm", None)
+        self.available = isinstance(self.head, nn.Module) and isinstance(norm, nn.Module)
+        self.chunk = max(1, chunk_tokens)
+        self.armed = False
+        self.hidden: torch.Tensor | None = None
+        self._handle = norm.register_forward_hook(self._capture) if self.available else None
+
+    def _capture(self, module, inputs, output) -> None:
+        if self.armed and torch.is_grad_enabled():  # training forwards only, not evaluation
+            self.hidden = output.detach()
+
+    def arm(self) -> None:
+        self.armed = self.available
+
+    @torch.no_grad()
+    def take(self) -> float | None:
+        """The largest logit of the last captured forward (then disarmed and freed)."""
+        hidden, self.hidden, self.armed = self.hidden, None, False
+        if hidden is None:
+            return None
+        weight = self.head.weight.detach().float()
+        flat = hidden.reshape(-1, hidden.shape[-1]).float()
+        best = max(float((rows @ weight.t()).max()) for rows in flat.split(self.chunk))
+        return best
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class SpikeDetector:
+    """Loss spikes after warm-up: a step (1-based, counted after it is taken) whose loss exceeds
+    the running minimum of all earlier finite losses by more than ``threshold`` nats."""
+
+    def __init__(self, warmup_steps: int, threshold: float = SPIKE_NATS) -> None:
+        self.warmup = warmup_steps
+        self.threshold = threshold
+        self.running_min = math.inf
+        self.count = 0
+        self.in_spike = False
+
+    def update(self, step: int, loss: float) -> dict | None:
+        """Feed one step's loss; returns the event record of a spike step, else None."""
+        if not math.isfinite(loss):
+            return None
+        event = None
+        if step > self.warmup and loss > self.running_min + self.threshold:
+            self.count += 1
+            event = {"step": step, "event": "loss_spike", "loss": loss, "running_min": self.running_min,
+                     "first": not self.in_spike}
+            self.in_spike = True
+        else:
+            self.in_spike = False
+        self.running_min = min(self.running_min, loss)
+        return event
+
+    def state_dict(self) -> dict:
+        return {"running_min": self.running_min if math.isfinite(self.running_min) else None,
+                "count": self.count, "in_spike": self.in_spike}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if not state:
+            return
+        value = state.get("running_min")
+        self.running_min = math.inf if value is None else float(value)
+        self.count = int(state.get("count", 0))
+        self.in_spike = bool(state.get("in_spike", False))
+
+
+class Diagnostics:
+    """What the trainer calls around one step (``train.diagnostics`` off: group norms, update
+    ratios and the max logit are skipped; spike detection always runs, it costs nothing)."""
+
+    def __init__(self, model: nn.Module, train_cfg, warmup_steps: int, enabled: bool) -> None:
+        self.model = model
+        self.cfg = train_cfg
+        self.enabled = enabled
+        self.probe = MaxLogitProbe(model, train_cfg.loss_chunk_tokens) if enabled and not train_cfg.compile else None
+        self.spikes = SpikeDetector(warmup_steps)
+        self.active = False
+        self.record: dict = {}
+        self._before: dict[str, torch.Tensor] | None = None
+
+    def start_step(self, step: int) -> None:
+        """Before step ``step`` (0-based): watch it when it will be logged."""
+        number = step + 1
+        self.active = self.enabled and (number % self.cfg.log_every == 0 or number == self.cfg.steps)
+        self.record = {}
+        if self.active and self.probe is not None:
+            self.probe.arm()
+
+    def after_backward(self) -> None:
+        if self.active:
+            self.record["grad_norms"] = grad_norms(self.model)
+
+    def before_update(self) -> None:
+        if self.active:
+            self._before = snapshot(self.model)
+
+    def after_update(self) -> None:
+        if self._before is not None:
+            self.record["update_ratios"] = update_ratios(self.model, self._before)
+            self._before = None
+
+    def finish_step(self, step: int, loss: float) -> tuple[dict, dict | None]:
+        """(fields for the step's log record, a loss-spike event or None) after step ``step`` (1-based)."""
+        record, self.record = self.record, {}
+        if self.probe is not None and self.active:
+            value = self.probe.take()
+            if value is not None:
+                record["max_logit"] = value
+        self.active = False
+        return record, self.spikes.update(step, loss)
+
+
+def spike_episodes(losses: Iterable[tuple[int, float]], warmup_steps: int, threshold: float = SPIKE_NATS) -> list[dict]:
+    """The spike events of a whole loss sequence ``[(step, loss), ...]`` (metrics.jsonl after the fact)."""
+    detector = SpikeDetector(warmup_steps, threshold)
+    return [e for step, loss in losses if (e := detector.update(step, loss)) is not None]
