@@ -2,12 +2,14 @@
 micro ladder runs end to end into a report."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from scipy.optimize import approx_fprime
 
+from lostlm.bench.ladder import load_ladder
 from lostlm.bench.scaling_fit import Law, bootstrap, crossings, fit_law, interval, objective
 from lostlm.cli import main
 
@@ -115,3 +117,13 @@ def test_micro_ladder_runs_fits_and_reports(tmp_path, tiny_run, capsys):
     (results / "scaling.md").unlink()
     assert main(["scaling", "--report", str(results)]) == 0
     assert "## Fit" in (results / "scaling.md").read_text()
+
+
+@pytest.mark.parametrize("path", sorted(p for p in Path("bench").glob("*.yaml") if "sizes" in yaml.safe_load(p.read_text())),
+                         ids=lambda p: p.stem)
+def test_shipped_scaling_recipes_load(path):
+    """Every scaling recipe in bench/ loads (each run's config is checked), held-out size last."""
+    raw = yaml.safe_load(path.read_text())
+    ladder = load_ladder(path)
+    assert [s.name for s in ladder.sizes] == [s["name"] for s in raw["sizes"]] and ladder.held_out.name == raw["held_out"]["name"]
+    assert len(ladder.cells) == len(raw["methods"]) * (len(raw["sizes"]) + 1) * len(ladder.tokens)

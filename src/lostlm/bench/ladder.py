@@ -28,11 +28,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from ..configs import load_config
 from ..errors import LostLMError
-from .recipe import RESULTS_ROOT, Recipe, Variant, _lr_from, _override_list, _seeds, _variants, run_config
+from .recipe import RESULTS_ROOT, Recipe, Variant, _lr_from, _override_list, _read_mapping, _seeds, _variants, run_config
 from .sweep import chosen_lr
 
 LADDER_KEYS = ("name", "description", "base", "methods", "seeds", "results", "isolate", "lr_from", "lr", "sizes", "held_out",
@@ -163,17 +161,7 @@ def non_embedding_params(cfg) -> int:
 def load_ladder(path: str | Path, results: str | Path | None = None) -> Ladder:
     """Parse and check a scaling recipe; every run's config is validated before anything runs."""
     path = Path(path)
-    if not path.is_file():
-        raise LostLMError(f"scaling recipe {path} does not exist; pass a .yaml recipe such as bench/scaling.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise LostLMError(f"scaling recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise LostLMError(f"scaling recipe {path} must be a mapping with base, methods, sizes, held_out and tokens")
-    unknown = set(data) - set(LADDER_KEYS)
-    if unknown:
-        raise LostLMError(f"scaling recipe {path} has unknown key(s) {sorted(unknown)}; use {', '.join(LADDER_KEYS)}")
+    data = _read_mapping(path, LADDER_KEYS, "scaling recipe", "bench/scaling.yaml")
     base = data.get("base") or {}
     if not isinstance(base, dict) or (base.get("config") is not None and not Path(base["config"]).is_file()):
         raise LostLMError(f"scaling recipe {path}: base must be a mapping whose config (if any) is an existing recipe file")
@@ -223,10 +211,12 @@ def load_ladder(path: str | Path, results: str | Path | None = None) -> Ladder:
 
 def ladder_runs(ladder: Ladder, only: list[str] | None = None) -> list[tuple[Variant, Shape, int, Variant, int]]:
     """(method, shape, tokens, bench variant, seed) of every run, in running order: method by
-    method, shapes ascending (held-out last), budgets, seeds. ``only``: these method names."""
+    method, then seed by seed (a cut-short ladder has every size at the first seed), shapes
+    ascending with the held-out one last, budgets. ``only``: these method names."""
     if only:
         unknown = set(only) - {m.name for m in ladder.methods}
         if unknown:
             raise LostLMError(f"--methods {','.join(sorted(unknown))} not in the recipe; use some of "
                               f"{', '.join(m.name for m in ladder.methods)}")
-    return [(m, s, t, v, seed) for m, s, t, v in ladder.cells if not only or m.name in only for seed in ladder.bench.seeds]
+    return [(m, s, t, v, seed) for method in ladder.methods if not only or method.name in only for seed in ladder.bench.seeds
+            for m, s, t, v in ladder.cells if m is method]
