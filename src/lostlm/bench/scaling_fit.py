@@ -11,7 +11,8 @@ alpha, beta in [0, 5]), started from a grid of initialisations: the objective is
 every point of :data:`GRID` (vectorised) and L-BFGS runs from the ``starts`` best of them
 (Chinchilla runs it from all 4500 of theirs; the best few reach the same minimum at a fraction
 of the cost, which the bootstrap needs), plus any ``extra`` starting vectors; the lowest
-minimum wins.
+minimum wins. L-BFGS-B minimises the sum divided by n delta^2 (same minimiser): its stopping
+test is absolute below 1, and the raw sum is of order delta^2.
 
 :func:`bootstrap` refits on runs resampled with replacement (a run's points stay together:
 points of one run share its noise, so resampling points would understate the spread) and
@@ -127,13 +128,22 @@ def fit_law(N, D, L, delta: float = 1e-3, starts: int = 20, extra: list[np.ndarr
     x, z, y = np.log(N), np.log(D), np.log(L)
     grid, values = _grid_values(x, z, y, delta)
     inits = [grid[i] for i in np.argsort(values)[:starts]] + [np.asarray(v, dtype=float) for v in extra]
+    # L-BFGS-B stops when an iteration gains less than ~2e-9 in absolute terms (its relative test
+    # divides by max(|f|, 1)); the raw sum is ~delta^2 per point, so it would stop at once. The
+    # same objective divided by n delta^2 (same minimiser) is of order one.
+    scale = 1.0 / (len(y) * delta**2)
+
+    def scaled(theta):
+        value, grad = objective(theta, x, z, y, delta)
+        return value * scale, grad * scale
+
     best = None
     with _one_blas_thread():
         for init in inits:
-            res = sp.optimize.minimize(objective, init, args=(x, z, y, delta), jac=True, method="L-BFGS-B", bounds=BOUNDS)
+            res = sp.optimize.minimize(scaled, init, jac=True, method="L-BFGS-B", bounds=BOUNDS)
             if best is None or res.fun < best.fun:
                 best = res
-    return Law.from_vector(best.x), float(best.fun)
+    return Law.from_vector(best.x), float(best.fun / scale)
 
 
 def bootstrap(runs: list[np.ndarray], samples: int, seed: int = 0, delta: float = 1e-3, starts: int = 5,

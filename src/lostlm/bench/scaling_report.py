@@ -74,7 +74,7 @@ def _fit_method(ladder: Ladder, runs: list[dict]) -> dict:
         return out
     pts = np.concatenate(arrays)
     law, value = fit_law(pts[:, 0], pts[:, 1], pts[:, 2], s.huber_delta, s.starts)
-    boots = bootstrap(arrays, s.bootstrap, 0, s.huber_delta, min(5, s.starts), centre=law)
+    boots = bootstrap(arrays, s.bootstrap, 0, s.huber_delta, min(2, s.starts), centre=law)
     resid = np.log(law.loss(pts[:, 0], pts[:, 1])) - np.log(pts[:, 2])
     out.update(law=law, boots=boots, objective=value, rms_log_residual=float(np.sqrt(np.mean(resid**2))),
                intervals={k: list(interval([getattr(b, k) for b in boots])) for k in PARAMS}, bootstrap_fits=len(boots))

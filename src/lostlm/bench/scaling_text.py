@@ -95,7 +95,7 @@ def format_scaling(ladder: Ladder, payload: dict) -> str:
     m = payload["machine"]
     s = ladder.fit
     fitted = ", ".join(f"{x.name} (d={x.hidden_size}, {x.num_layers} layers)" for x in ladder.sizes)
-    lines = [f"# Scaling {ladder.name}", "", ladder.description, "",
+    lines = [f"# Scaling {ladder.name}", "", *([ladder.description, ""] if ladder.description else []),
              f"Machine: {m.get('cpu', '?')} ({m.get('cores', '?')} cores, torch {m.get('torch', '?')}). Fitted shapes: {fitted}; "
              f"held out: {ladder.held_out.name} (d={ladder.held_out.hidden_size}). Token budget(s) per run: "
              f"{', '.join(f'{t:,}' for t in ladder.tokens)}; seeds {ladder.bench.seeds}.", "",
