@@ -53,12 +53,12 @@ def _fit_table(payload: dict) -> list[str]:
 
 
 def _held_out_table(payload: dict) -> list[str]:
-    lines = ["| method | shape | N non-emb | D | predicted [95 %] | measured | abs rel error | ≤ 3 %? | measured in interval? |",
+    lines = ["| method | shape (seed) | N non-emb | D | predicted [95 %] | measured | abs rel error | ≤ 3 %? | measured in interval? |",
              "|---|---|---:|---:|---|---:|---:|---|---|"]
     for name, f in payload["fits"].items():
         for h in f.get("held_out", []):
             err = h.get("abs_rel_error")
-            lines.append(f"| {name} | {h['shape']} | {h['N'] / 1e6:.3f}M | {h['D']:,} | {h['predicted']:.4f} {_iv(h['interval'], 4)} | "
+            lines.append(f"| {name} | {h['shape']} ({h['seed']}) | {h['N'] / 1e6:.3f}M | {h['D']:,} | {h['predicted']:.4f} {_iv(h['interval'], 4)} | "
                          f"{_g(h['measured'], 4)} | {'–' if err is None else f'{100 * err:.2f} %'} | "
                          f"{'–' if err is None else 'yes' if err <= GOAL else 'NO'} | "
                          f"{'–' if err is None else 'yes' if h['in_interval'] else 'no'} |")
