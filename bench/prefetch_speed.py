@@ -1,6 +1,6 @@
 """Tokens/s with and without the data prefetch thread, in ONE process (settings alternating).
 
-    /work/quiet.sh python bench/prefetch_speed.py --repeats 5 --out bench/results/prefetch-speed.json
+    bench/quiet.sh python bench/prefetch_speed.py --repeats 5 --out bench/results/prefetch-speed.json
 
 The data path imitated: streaming web text from the hub (``data.source=hf``) and tokenising it
 on the fly with the byte-level BPE. Here: the default corpus (``--corpus``: another .jsonl) cut

@@ -86,7 +86,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # Modules that contribute sub-commands through a ``register(subparsers)`` function.
-COMMAND_MODULES: tuple[str, ...] = ("generate", "export", "interop.pretrained", "bench", "estimate", "data.prepared")
+COMMAND_MODULES: tuple[str, ...] = ("generate", "export", "interop.pretrained", "bench", "bench.scaling_command", "estimate",
+                                     "data.prepared")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -127,3 +127,34 @@ def plot_sweep(sweep: dict, path: Path) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def plot_scaling(panels: list[dict], path: Path) -> Path:
+    """A scaling report: one panel per method, validation loss against tokens (log-log) per model
+    size (points; faint: dropped from the fit), the fitted law's curve per size (line), the
+    held-out size in black. ``panels``: [{"title", "runs": [{"label", "held_out", "curve":
+    [[tokens, loss]], "drop_tokens", "fitted": [[tokens, loss]]}]}]."""
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.0 * max(1, len(panels)), 4.5), dpi=120, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, panel in zip(axes[0], panels):
+        for i, run in enumerate(panel["runs"]):
+            color = "black" if run["held_out"] else colors[i % len(colors)]
+            kept = [p for p in run["curve"] if p[0] > run["drop_tokens"]]
+            dropped = [p for p in run["curve"] if p[0] <= run["drop_tokens"]]
+            ax.plot([p[0] for p in kept], [p[1] for p in kept], "o", ms=3.5, color=color, label=run["label"])
+            ax.plot([p[0] for p in dropped], [p[1] for p in dropped], "o", ms=3, color=color, alpha=0.25)
+            if run["fitted"]:
+                ax.plot([p[0] for p in run["fitted"]], [p[1] for p in run["fitted"]], "--" if run["held_out"] else "-",
+                        color=color, lw=1)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(f"{panel['title']}: fit (lines), held out (black, dashed = predicted)", fontsize=8)
+        ax.set_xlabel("tokens seen D (log)")
+        ax.set_ylabel("validation loss (nats, log)")
+        ax.grid(alpha=0.3, which="both")
+        if panel["runs"]:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)

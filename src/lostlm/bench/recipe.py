@@ -111,20 +111,20 @@ def _override_list(value: Any, where: str) -> list[str]:
     return out
 
 
-def _read_mapping(path: Path) -> dict:
+def _read_mapping(path: Path, keys: tuple[str, ...] = RECIPE_KEYS, kind: str = "bench recipe",
+                  example: str = "bench/tiny.yaml") -> dict:
     """The recipe file as a mapping with known top-level keys only."""
     if not path.is_file():
-        raise LostLMError(f"bench recipe {path} does not exist; pass a .yaml recipe such as bench/tiny.yaml")
+        raise LostLMError(f"{kind} {path} does not exist; pass a .yaml recipe such as {example}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise LostLMError(f"bench recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        raise LostLMError(f"{kind} {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
-        raise LostLMError(f"bench recipe {path} must be a mapping with base, seeds and methods")
-    unknown = set(data) - set(RECIPE_KEYS)
+        raise LostLMError(f"{kind} {path} must be a mapping of {', '.join(keys)}")
+    unknown = set(data) - set(keys)
     if unknown:
-        raise LostLMError(f"bench recipe {path} has unknown key(s) {sorted(unknown)}; "
-                          "use name, description, base, seeds, methods, results, isolate")
+        raise LostLMError(f"{kind} {path} has unknown key(s) {sorted(unknown)}; use {', '.join(keys)}")
     return data
 
 
