@@ -124,7 +124,10 @@ class MaxLogitProbe:
         hidden, self.hidden, self.armed = self.hidden, None, False
         if hidden is None:
             return None
-        weight = self.head.weight.detach().float()
+        weight = self.head.weight.detach()
+        if hasattr(weight, "full_tensor"):  # FSDP2 shards the head: gather it (collective, every rank is here)
+            weight = weight.full_tensor()
+        weight = weight.float()
         flat = hidden.reshape(-1, hidden.shape[-1]).float()
         best = max(float((rows @ weight.t()).max()) for rows in flat.split(self.chunk))
         return best
