@@ -177,6 +177,15 @@ class SpikeDetector:
         self.in_spike = bool(state.get("in_spike", False))
 
 
+def _json_safe(value):
+    """``value`` with every non-finite float (nested in dicts) replaced by None."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
 class Diagnostics:
     """What the trainer calls around one step (``train.diagnostics`` off: group norms, update
     ratios and the max logit are skipped; spike detection always runs, it costs nothing)."""
@@ -219,6 +228,7 @@ class Diagnostics:
             value = self.probe.take()
             if value is not None:
                 record["max_logit"] = value
+        record = _json_safe(record)  # a skipped (non-finite) step: null, metrics.jsonl stays strict JSON
         self.active = False
         return record, self.spikes.update(step, loss)
 
