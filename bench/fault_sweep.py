@@ -137,6 +137,15 @@ def run_child(args: list[str], fault: dict | None = None, timeout: float = 600, 
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def fresh_folder(rec: "Recorder", trial: str) -> Path | None:
+    """``trial``'s work folder, emptied; None when the trial is already recorded (skipped)."""
+    if rec.skip(trial):
+        return None
+    out = WORK / trial
+    shutil.rmtree(out, ignore_errors=True)
+    return out
+
+
 def tiny_args(out: Path, corpus: Path, **extra) -> list[str]:
     values = {"data.source": "files", "data.paths": f"[{corpus}]", "data.cache_dir": str(WORK / "cache"),
               "data.bpe_vocab_size": 400, "data.seq_len": 32, "data.val_tokens": 8192, "data.val_fraction": 0.1,
@@ -232,10 +241,9 @@ def group_signals(rec: Recorder, corpus: Path, ref: Path, duration: float) -> No
         plans += [("save", {"n": n}) for n in (1, 2, 3)] + [("eval", {"n": n}) for n in (2, 3)]
         for i, (kind, plan) in enumerate(plans):
             trial = f"signals-{name}-{i}-{kind}"
-            if rec.skip(trial):
+            out = fresh_folder(rec, trial)
+            if out is None:
                 continue
-            out = WORK / trial
-            shutil.rmtree(out, ignore_errors=True)
             args = tiny_args(out, corpus)
             if kind == "random":
                 first = run_child(args, kill_after=plan["delay"], kill_signal=getattr(signal, name), after_first_metrics=out)
@@ -275,10 +283,9 @@ def group_state(rec: Recorder, corpus: Path, ref: Path) -> None:
     cases = [("optimizer", k) for k in CRAFTED] + [("edit", k) for k in STATE_EDITS] + [("raw", "not-json"), ("raw", "array")]
     for how, key in cases:
         trial = f"state-{key}"
-        if rec.skip(trial):
+        out = fresh_folder(rec, trial)
+        if out is None:
             continue
-        out = WORK / trial
-        shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(ref, out)
         marker = WORK / f"marker-{key}"
         marker.write_text("keep me")
@@ -317,10 +324,9 @@ def group_nan(rec: Recorder, corpus: Path, ref: Path) -> None:
 
     for start, stop in ((0, None), (1, None), (4, None), (7, None), (10, None), (5, 6), (2, 4)):
         trial = f"nan-{start}-{stop}"
-        if rec.skip(trial):
+        out = fresh_folder(rec, trial)
+        if out is None:
             continue
-        out = WORK / trial
-        shutil.rmtree(out, ignore_errors=True)
         proc = run_child(tiny_args(out, corpus), {"kind": "nan", "start": start, **({"stop": stop} if stop else {})})
         latest = find_checkpoint(out)
         finite = latest is not None and non_finite_tensor(load_file(str(latest / "model.safetensors"))) is None
@@ -343,10 +349,9 @@ def group_disk(rec: Recorder, corpus: Path, ref: Path) -> None:
 
     for n in (2, 3, 4):
         trial = f"disk-enospc-save{n}"
-        if rec.skip(trial):
+        out = fresh_folder(rec, trial)
+        if out is None:
             continue
-        out = WORK / trial
-        shutil.rmtree(out, ignore_errors=True)
         args = tiny_args(out, corpus)
         proc = run_child(args, {"kind": "enospc", "n": n})
         latest = find_checkpoint(out)
@@ -380,10 +385,9 @@ def group_disk(rec: Recorder, corpus: Path, ref: Path) -> None:
 def group_lock(rec: Recorder, corpus: Path, ref: Path) -> None:
     for i in range(3):
         trial = f"lock-second-writer-{i}"
-        if rec.skip(trial):
+        out = fresh_folder(rec, trial)
+        if out is None:
             continue
-        out = WORK / trial
-        shutil.rmtree(out, ignore_errors=True)
         args = tiny_args(out, corpus)
         # The first trainer is slowed (3 s a step) so that it still holds the folder when the second,
         # which pays the whole start-up first, reaches the lock; without that the tiny run could end first.
