@@ -177,3 +177,21 @@ def test_a_partial_sweep_records_every_finished_grid_point(tmp_path, tiny_run):
     assert state["next"] == 3e-4 and state["points"] == {1e-3: 5.5, 3e-3: 5.25}
     entry = sweep_record(recipe)["variants"]["lost"]
     assert [p["lr"] for p in entry["points"]] == [1e-3, 3e-3] and not entry["done"] and entry["chosen_lr"] is None
+
+
+def test_methods_flag_runs_only_the_named_variants_and_rejects_unknown_names(tmp_path, tiny_run, capsys):
+    """``--methods lost --stage one``: lost's grid points run, full's do not; a name the recipe
+    lacks is a one-line error before anything runs."""
+    sweep = {"grid": [3e-4, 1e-3, 3e-3], "seed": 0, "overrides": {"train.steps": 2, "train.eval_every": 2},
+             "max_extensions": 0}
+    path = _recipe(tmp_path, tiny_run, sweep=sweep)
+    assert main(["bench", str(path), "--methods", "lost,colla"]) == 2
+    err = capsys.readouterr().err
+    assert "--methods colla is not in" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "results" / "sweep").exists()
+    assert main(["bench", str(path), "--stage", "one", "--methods", "lost"]) == 0
+    finished = list((tmp_path / "results" / "sweep").glob("*/*/seed0/summary.json"))
+    assert {p.parents[2].name for p in finished} == {"lost"}
+    assert sorted(p.parents[1].name.split("-")[0] for p in finished) == ["lr0.0003", "lr0.001", "lr0.003"]
+    record = json.loads((tmp_path / "results" / "sweep.json").read_text())["variants"]
+    assert record["lost"]["chosen_lr"] in sweep["grid"] and record["full"]["points"] == []

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..configs import load_config
 from ..errors import LostLMError
 from ..peak import measure_peak
-from .recipe import load_recipe, run_config, run_dir
+from .recipe import load_recipe, pick_variants, run_config, run_dir
 from .report import write_report
 from .runner import _locked, run_bench
 from .sweep import chosen_lr, run_loss, stage_one, sweep_record
@@ -27,6 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="train.threads of every run (not part of a run's key: results stay comparable)")
     p.add_argument("--stage", choices=("all", "one", "two"), default="all",
                    help="a recipe with a sweep: block: run stage one (lr choice), stage two (chosen lr x seeds), or both")
+    p.add_argument("--methods", help="comma-separated variant (or method) names: run only theirs, in that order "
+                   "(e.g. two lanes in parallel); the report still covers every finished run")
     p.set_defaults(func=cmd_bench)
 
 
@@ -61,7 +63,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.dry_run:
         _dry_run(recipe)
         return 0
-    run_bench(recipe, args.lock, log=lambda m: print(m, flush=True), stage=args.stage)
+    only = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+    pick_variants(recipe, only)  # an unknown name fails here, before any run starts
+    run_bench(recipe, args.lock, log=lambda m: print(m, flush=True), stage=args.stage, only=only)
     if (recipe.results / "results.md").is_file():
         print((recipe.results / "results.md").read_text())
     return 0

@@ -30,7 +30,8 @@ from pathlib import Path
 
 from ..configs import load_config
 from ..errors import LostLMError
-from .recipe import RESULTS_ROOT, Recipe, Variant, _lr_from, _override_list, _read_mapping, _seeds, _variants, run_config
+from .recipe import (RESULTS_ROOT, Recipe, Variant, _lr_from, _override_list, _read_mapping, _seeds, _variants, pick_variants,
+                     run_config)
 from .sweep import chosen_lr
 
 LADDER_KEYS = ("name", "description", "base", "methods", "seeds", "results", "isolate", "lr_from", "lr", "sizes", "held_out",
@@ -213,10 +214,5 @@ def ladder_runs(ladder: Ladder, only: list[str] | None = None) -> list[tuple[Var
     """(method, shape, tokens, bench variant, seed) of every run, in running order: method by
     method, then seed by seed (a cut-short ladder has every size at the first seed), shapes
     ascending with the held-out one last, budgets. ``only``: these method names."""
-    if only:
-        unknown = set(only) - {m.name for m in ladder.methods}
-        if unknown:
-            raise LostLMError(f"--methods {','.join(sorted(unknown))} not in the recipe; use some of "
-                              f"{', '.join(m.name for m in ladder.methods)}")
-    return [(m, s, t, v, seed) for method in ladder.methods if not only or method.name in only for seed in ladder.bench.seeds
+    return [(m, s, t, v, seed) for method in pick_variants(ladder.bench, only, ladder.methods) for seed in ladder.bench.seeds
             for m, s, t, v in ladder.cells if m is method]

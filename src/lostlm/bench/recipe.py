@@ -91,6 +91,23 @@ class Recipe:
         return variant.seeds if variant.seeds is not None else self.seeds
 
 
+def pick_variants(recipe: Recipe, only: list[str] | None, variants: list[Variant] | None = None) -> list[Variant]:
+    """``--methods a,b``: the variants (of ``variants``, default the recipe's) named ``a`` and
+    ``b`` (by variant name, else every variant of that method), in that order; all when ``only``
+    is empty."""
+    variants = recipe.variants if variants is None else variants
+    if not only:
+        return list(variants)
+    picked: list[Variant] = []
+    for name in only:
+        match = [v for v in variants if v.name == name] or [v for v in variants if v.method == name]
+        if not match:
+            raise LostLMError(f"--methods {name} is not in {recipe.source or recipe.name}; use some of "
+                              f"{', '.join(v.name for v in variants)}")
+        picked += [v for v in match if v not in picked]
+    return picked
+
+
 def _override_list(value: Any, where: str) -> list[str]:
     """A mapping {section.key: value} / {section: {key: value}} or a list of "k=v" -> ["k=v"]."""
     if value is None:

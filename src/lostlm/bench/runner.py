@@ -24,7 +24,7 @@ from ..configs import Config, read_config_file, save_config
 from ..errors import LostLMError
 from ..peak import cached_peak, measure_peak
 from ..rundir import CONFIG_FILE
-from .recipe import Recipe, Variant, run_config, run_dir
+from .recipe import Recipe, Variant, pick_variants, run_config, run_dir
 from .report import write_report
 from .sweep import DIVERGED, chosen_lr, pending_stage_one, run_loss, stage_one, sweep_record
 
@@ -134,17 +134,17 @@ def _report(recipe: Recipe) -> dict:
         return {}
 
 
-def _run_sweep(recipe: Recipe, peak: dict, lock: str | None, log, failures: list[str]) -> None:
-    """Stage one: rounds of the runs that can start, until every variant has chosen (or failed)."""
+def _run_sweep(recipe: Recipe, variants: list[Variant], peak: dict, lock: str | None, log, failures: list[str]) -> None:
+    """Stage one of ``variants``: rounds of the runs that can start, until each has chosen (or failed)."""
     while True:
-        pending = pending_stage_one(recipe)
+        pending = [(v, lr) for v, lr in pending_stage_one(recipe) if v in variants]
         before = len(failures)
         for variant, lr in pending:
             _train(recipe, variant, recipe.sweep.seed, lr, "sweep", peak, lock, log, failures)
             _report(recipe)
         if not pending or len(failures) > before:  # done, or a run failed: do not loop on it
             break
-    for v in recipe.variants:
+    for v in variants:
         st = stage_one(recipe, v)
         if "next" in st:
             log(f"  sweep/{v.name}: stage one not finished (next lr {st['next']:g})")
@@ -166,9 +166,12 @@ def _promoted(recipe: Recipe, variant: Variant) -> bool:
     return mine is not None and theirs is not None and mine < theirs
 
 
-def run_bench(recipe: Recipe, lock: str | None = None, log=print, stage: str = "all") -> dict:
+def run_bench(recipe: Recipe, lock: str | None = None, log=print, stage: str = "all",
+              only: list[str] | None = None) -> dict:
     """Run every unfinished run (stage one of a sweep first, if any), then write the report.
-    ``stage``: ``all``, ``one`` (stage one only) or ``two`` (stage two only)."""
+    ``stage``: ``all``, ``one`` (stage one only) or ``two`` (stage two only); ``only``: these
+    variant names (or methods) alone, in that order (the report still covers every variant)."""
+    variants = pick_variants(recipe, only)
     recipe.results.mkdir(parents=True, exist_ok=True)
     if recipe.source is not None:
         (recipe.results / "recipe.yaml").write_text(recipe.source.read_text())
@@ -178,11 +181,11 @@ def run_bench(recipe: Recipe, lock: str | None = None, log=print, stage: str = "
         f"{len(recipe.variants)} variants x {len(recipe.seeds)} seeds -> {recipe.results}")
     failures: list[str] = []
     if recipe.sweep is not None and stage in ("all", "one"):
-        _run_sweep(recipe, peak, lock, log, failures)
+        _run_sweep(recipe, variants, peak, lock, log, failures)
     if stage in ("all", "two"):
-        lrs = {v.name: chosen_lr(recipe, v) for v in recipe.variants}
-        ready = [v for v in recipe.variants if recipe.sweep is None or lrs[v.name] is not None]
-        for v in recipe.variants:
+        lrs = {v.name: chosen_lr(recipe, v) for v in variants}
+        ready = [v for v in variants if recipe.sweep is None or lrs[v.name] is not None]
+        for v in variants:
             if v not in ready:
                 log(f"  {v.name}: stage one has not chosen an lr yet; its stage two waits")
         seeds = sorted({s for v in ready for s in recipe.seeds_of(v)})
