@@ -15,7 +15,9 @@ Methods: ``dense`` (nn.Linear), ``cola`` (LowRankLinear, σ = SiLU), ``lowrank``
 forward: torch.cat of [σ(xA), x_I] and of the weights, one F.linear, plain autograd — kept
 here only for this comparison) and ``lost-onegemm`` (the current layer with x's gradient from
 one GEMM over [A; E_I] instead of a GEMM over A plus an in-place index_add_ of k columns),
-``lost-pad16`` / ``lost-pad64`` (the current layer with r+k padded to a multiple of 16 / 64). ``--profile`` adds torch.profiler tables of ``lost`` and
+``lost-pad16`` / ``lost-pad64`` (the current layer with r+k padded to a multiple of 16 / 64),
+``lost-auto`` (padded as a training run pads by default, ``layer.lost_pad_to`` = 0: 16 at
+r = 128, 64 at r ≥ 256; ``lost`` itself is the unpadded layer, ``layer.lost_pad_to=1``). ``--profile`` adds torch.profiler tables of ``lost`` and
 ``cola`` at the first preset's shapes.
 
 Writes bench/results/layer-speed-<tag>.json and .md (and -profile.txt with --profile), with
@@ -38,9 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lostlm.configs import PRESETS
-from lostlm.layers import LOSTLinear, LowRankLinear, _LOSTInputChannels
+from lostlm.layers import LOSTLinear, LowRankLinear, _LOSTInputChannels, lost_pad_multiple
 
-METHODS = ("dense", "cola", "lowrank", "lost", "lost-pad16", "lost-pad64", "lost-onegemm", "lost-concat")
+METHODS = ("dense", "cola", "lowrank", "lost", "lost-auto", "lost-pad16", "lost-pad64", "lost-onegemm", "lost-concat")
 # How many of each projection a LLaMA block has: q, k, v, o (d→d); gate, up (d→ffn); down (ffn→d).
 BLOCK_COUNTS = {"attn": 4, "up": 2, "down": 1}
 
@@ -91,6 +93,15 @@ class LostPad64(LostPad16):
     pad_to = 64
 
 
+class LostAuto(LostPad16):
+    """... to the multiple a training run picks by default (``layer.lost_pad_to`` = 0, auto:
+    :func:`lostlm.layers.lost_pad_multiple` of the rank)."""
+
+    def __init__(self, w0, rank, **kwargs):
+        super().__init__(w0, rank, **kwargs)
+        self.pad_to = lost_pad_multiple(rank)
+
+
 def build(method: str, out_features: int, in_features: int, rank: int, density: float, seed: int) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     w0 = torch.randn(out_features, in_features, generator=g) * 0.02
@@ -109,11 +120,20 @@ def build(method: str, out_features: int, in_features: int, rank: int, density: 
         return LostPad16(w0, rank, density=density)
     if method == "lost-pad64":
         return LostPad64(w0, rank, density=density)
+    if method == "lost-auto":
+        return LostAuto(w0, rank, density=density)
     if method == "lost-onegemm":
         return LostOneGemm(w0, rank, density=density)
     if method == "lost-concat":
         return LostConcat(w0, rank, density=density)
     raise ValueError(method)
+
+
+def lost_ratios(times: dict[str, float]) -> dict[str, float]:
+    """{LOST variant: its time / CoLA's} for every ``lost*`` method timed (none without cola)."""
+    if "cola" not in times:
+        return {}
+    return {k: v / times["cola"] for k, v in times.items() if k.startswith("lost")}
 
 
 def shapes_of(preset: str) -> dict[str, tuple[int, int, int]]:
@@ -229,12 +249,12 @@ def main() -> None:
             results[preset][shape_name] = {"out": m, "in": n, "rank": r, "median_ms": med,
                                            "all_ms": {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()}}
             line = "  ".join(f"{k} {v:7.2f}" for k, v in med.items())
-            ratio = f"  lost/cola {med['lost'] / med['cola']:.3f}" if "lost" in med and "cola" in med else ""
+            ratio = "".join(f"  {k}/cola {v:.3f}" for k, v in lost_ratios(med).items())
             print(f"{preset:5s} {shape_name:5s} {m:5d}x{n:5d} r{r:4d}  {line} ms{ratio}", flush=True)
         block = {meth: sum(BLOCK_COUNTS[s] * results[preset][s]["median_ms"][meth] for s in BLOCK_COUNTS) for meth in args.methods}
         results[preset]["block"] = {"median_ms": block}
-        if "lost" in block and "cola" in block:
-            print(f"{preset:5s} block (4 attn + 2 up + 1 down)  lost/cola {block['lost'] / block['cola']:.3f}", flush=True)
+        ratios = "  ".join(f"{k}/cola {v:.3f}" for k, v in lost_ratios(block).items())
+        print(f"{preset:5s} block (4 attn + 2 up + 1 down)  {ratios}", flush=True)
     meta["loadavg_after"] = loadavg()
     meta["other_processes_after"] = other_processes()
 
@@ -248,15 +268,15 @@ def main() -> None:
           f"load average before {meta['loadavg_before']}, after {meta['loadavg_after']}; "
           f"other busy processes before: {meta['other_processes_before'] or 'none'}; after: {meta['other_processes_after'] or 'none'}.",
           "", "Median ms per fwd+bwd (round-robin, one process). `block` = 4·attn + 2·up + 1·down.", "",
-          "| preset | shape (out×in, r) | " + " | ".join(args.methods) + " | lost / cola | lost-concat / cola |",
-          "|---|---|" + "---|" * len(args.methods) + "---|---|"]
+          "| preset | shape (out×in, r) | " + " | ".join(args.methods) + "".join(f" | {k} / cola" for k in lost_ratios(
+              {m: 1.0 for m in args.methods})) + " |",
+          "|---|---|" + "---|" * (len(args.methods) + len(lost_ratios({m: 1.0 for m in args.methods})))]
     for preset, shapes in results.items():
         for shape_name, row in shapes.items():
             med = row["median_ms"]
             label = f"{shape_name} {row['out']}×{row['in']}, {row['rank']}" if shape_name != "block" else "block"
-            lc = f"{med['lost'] / med['cola']:.3f}" if "lost" in med and "cola" in med else ""
-            oc = f"{med['lost-concat'] / med['cola']:.3f}" if "lost-concat" in med and "cola" in med else ""
-            md.append(f"| {preset} | {label} | " + " | ".join(f"{med[m]:.2f}" for m in args.methods) + f" | {lc} | {oc} |")
+            md.append(f"| {preset} | {label} | " + " | ".join(f"{med[m]:.2f}" for m in args.methods)
+                      + "".join(f" | {v:.3f}" for v in lost_ratios(med).values()) + " |")
     (out / f"layer-speed-{tag}.md").write_text("\n".join(md) + "\n")
     print(f"wrote {out / f'layer-speed-{tag}.json'} and .md")
     if args.profile:

@@ -227,3 +227,45 @@ def test_lost_state_dict_names_and_shapes_are_unchanged(w0):
     k = math.floor(0.1 * N)
     assert {k_: tuple(v.shape) for k_, v in layer.state_dict().items()} == {
         "lowrank_down": (R, N), "lowrank_up": (M, R), "sparse_weight": (M, k), "channel_index": (k,)}
+
+
+@pytest.mark.parametrize("rank, setting, expected", [
+    (64, 0, 1), (127, 0, 1), (128, 0, 16), (255, 0, 16), (256, 0, 64), (512, 0, 64),  # auto
+    (512, 1, 1), (64, 32, 32)])                                                         # explicit
+def test_lost_pad_multiple_rule(rank, setting, expected):
+    from lostlm.layers import lost_pad_multiple
+
+    assert lost_pad_multiple(rank, setting) == expected
+
+
+def test_build_model_sets_lost_padding_and_the_padded_model_computes_the_same(monkeypatch):
+    """``layer.lost_pad_to`` (auto) pads r + k = 128 + 1 = 129 up to 144 at rank 128; the loss and
+    every gradient match the unpadded layer to fp32 rounding."""
+    from lostlm.build import build_model
+    from lostlm.configs import load_config
+    from lostlm.errors import LostLMError
+    from lostlm.layers import _LOSTInputChannels
+
+    monkeypatch.setattr(_LOSTInputChannels, "pad_to", 1)
+    shape = ["model.hidden_size=160", "model.intermediate_size=160", "model.num_heads=4", "model.num_layers=1",
+             "layer.rank=128", "layer.density=0.01"]
+    model, _ = build_model(load_config(None, shape), 40)
+    assert _LOSTInputChannels.pad_to == 16
+    ids = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(0))
+
+    def loss_and_grads():
+        model.zero_grad()
+        per_token, _ = model(ids[:, :-1], ids[:, 1:], with_lse=False)
+        per_token.mean().backward()
+        return per_token.mean().detach(), [p.grad.clone() for p in model.parameters()]
+
+    padded, padded_grads = loss_and_grads()
+    _LOSTInputChannels.pad_to = 1
+    plain, plain_grads = loss_and_grads()
+    assert torch.allclose(padded, plain, rtol=1e-6)
+    for a, b in zip(padded_grads, plain_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    build_model(load_config(None, [*shape, "layer.lost_pad_to=1"]), 40)
+    assert _LOSTInputChannels.pad_to == 1
+    with pytest.raises(LostLMError, match="layer.lost_pad_to=-1 must be 0"):
+        load_config(None, [*shape, "layer.lost_pad_to=-1"])

@@ -9,6 +9,7 @@ from .configs import Config
 from .convert import ConvertedLayer, convert_linear_layers
 from .errors import LostLMError
 from .interop.llama_reader import llama_from_pretrained
+from .layers import _LOSTInputChannels, lost_pad_multiple
 from .model import LlamaLM
 
 
@@ -23,6 +24,7 @@ def build_model(cfg: Config, vocab_size: int) -> tuple[LlamaLM, list[ConvertedLa
                               f"tokenizer has {vocab_size} tokens; set data.tokenizer to the same folder")
         report = convert_linear_layers(model, cfg.layer, cfg.resolved_rank(), seed=cfg.train.seed + 1,
                                        init_std=model.config.init_std)
+        _set_lost_padding(cfg)
         return model, report
     model_cfg = cfg.resolved_model()
     if model_cfg.vocab_size is None:
@@ -32,4 +34,13 @@ def build_model(cfg: Config, vocab_size: int) -> tuple[LlamaLM, list[ConvertedLa
                           f"vocabulary ({vocab_size}); remove model.vocab_size or raise it")
     model = LlamaLM(model_cfg, torch.Generator().manual_seed(cfg.train.seed))
     report = convert_linear_layers(model, cfg.layer, cfg.resolved_rank(), seed=cfg.train.seed + 1, init_std=model_cfg.init_std)
+    _set_lost_padding(cfg)
     return model, report
+
+
+def _set_lost_padding(cfg: Config) -> None:
+    """LOST's GEMM width padding (``layer.lost_pad_to``). It is a process-wide setting of the
+    layer's autograd function, like the thread count: one run per process, and a speed choice
+    that leaves the function unchanged (so it is not part of a bench run's key either)."""
+    if cfg.layer.method == "lost":
+        _LOSTInputChannels.pad_to = lost_pad_multiple(cfg.resolved_rank(), cfg.layer.lost_pad_to)

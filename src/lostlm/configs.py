@@ -103,6 +103,11 @@ class LayerConfig:
     K after the top r (the authors' code uses 256)."""
     svd_dtype: str = "float32"
     """Precision of the initialisation SVD: float32 or float64."""
+    lost_pad_to: int = 0
+    """LOST speed knob: zero-pad the inner GEMM width r + k to a multiple of this. 0 (auto): 64
+    for r >= 256, 16 for 128 <= r < 256, none below (measured faster on CPU; see
+    ``lostlm.layers.lost_pad_multiple``); 1: never pad. Same function up to float summation
+    order, so, like train.threads, not part of a bench run's key."""
     sltrain_alpha: float = 32.0
     """SLTrain: the low-rank term is scaled by α/r (its recipes: 32 at 60M, 16 at 130M/350M, 8 at 1B/7B)."""
     galore_rank: int = 128

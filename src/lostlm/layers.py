@@ -318,6 +318,21 @@ class _LOSTInputChannels(torch.autograd.Function):
         return grad_x, grad_down, grad_up, grad_sparse, grad_bias, None, None, None
 
 
+def lost_pad_multiple(rank: int, setting: int = 0) -> int:
+    """The multiple that LOST's inner GEMM width r + k is zero-padded to (``layer.lost_pad_to``;
+    :func:`lostlm.build.build_model` sets :attr:`_LOSTInputChannels.pad_to` from it).
+
+    ``setting`` ≥ 1 is taken as it is (1: no padding). 0 (auto): 64 for r ≥ 256, 16 for
+    128 ≤ r < 256, no padding below r = 128 — what was faster than the unpadded layer in
+    ``bench/layer_speed.py --fp32`` on a quiet 2-core AVX2 CPU (docs/results.md (f), "The LOST
+    layer": 60m r + k = 143 → 144 and 169 → 176; 350m 286 → 320, 338 → 384; 1b 573 → 576,
+    675 → 704); smaller ranks were not measured. The padded columns are zeros, so the function
+    is the same; only the floating-point summation order can differ."""
+    if setting >= 1:
+        return setting
+    return 64 if rank >= 256 else 16 if rank >= 128 else 1
+
+
 class SLTrainLinear(_Factorised):
     """SLTrain (Han et al. 2024): ``W = (α/r) B A + S`` with S on a fixed random *unstructured*
     support of density ρ.

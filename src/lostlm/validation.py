@@ -98,6 +98,8 @@ def validate(cfg: Any, presets: dict) -> None:
     _choice("layer", "sparse_init", layer.sparse_init, ("residual", "original"))
     _choice("layer", "svd_dtype", layer.svd_dtype, ("float32", "float64"))
     _require(layer.svd_window is None or layer.svd_window > 0, "config layer.svd_window must be a positive integer or null")
+    _require(layer.lost_pad_to >= 0, f"config layer.lost_pad_to={layer.lost_pad_to} must be 0 (auto), 1 (no padding) or a "
+             "multiple such as 16 or 64")
     _require(len(layer.targets) > 0, "config layer.targets is empty; list module names such as q_proj")
     _choice("data", "source", d.source, SOURCES)
     _require(d.source != "files" or len(d.paths) > 0, "config data.source=files needs data.paths (files or globs)")
