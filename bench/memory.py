@@ -419,7 +419,7 @@ def report(results: dict) -> str:
         if "methods" not in sl:
             lines += ["", f"speed slice {lever}: {sl.get('error', '')[:200]}"]
             continue
-        lines += ["", f"Speed slice `{lever}` ({sl['tokens_per_step']} tokens/step, {sl['precision']}, {sl['threads']} threads, "
+        lines += ["", f"Speed slice `{lever}` ({sl.get('finished', '')}; {sl['tokens_per_step']} tokens/step, {sl['precision']}, {sl['threads']} threads, "
                       f"{sl['rounds']} timed rounds; quiet {sl['quiet_s'] or 0:.0f} s{' (quiet wrapper expired)' if sl.get('quiet_expired') else ''}; "
                       f"load average before {sl['loadavg_before'][0]:.1f}, after {sl['loadavg_after'][0]:.1f}):", "",
                   "| method | warm-up step (s) | timed steps (s) | tokens/s (fastest step) | LOST ÷ this method |",
@@ -476,7 +476,8 @@ def main() -> int:
             out = _child(cmd, 12)
             out.update(machine=machine(), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
             results = load_results()
-            results.setdefault("speed", {})[lever] = out
+            # one entry per lever, methods and rounds: a narrower rerun does not replace a wider one
+            results.setdefault("speed", {})[f"{lever} ({', '.join(args.methods)}; {args.rounds} rounds)"] = out
             save_results(results)
             print(f"[speed] {lever}: " + ", ".join(f"{m} {r['tokens_per_s']:,.0f}" for m, r in out.get("methods", {}).items())
                   + f" tok/s {out.get('error', '')}", flush=True)
