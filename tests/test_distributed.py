@@ -152,6 +152,9 @@ def _rank_worker(rank: int, world: int, port: int, overrides: list[str], out: st
         shapes = [tuple(model(b[:, :-1]).shape) for b in even_batches(own, torch.device("cpu"))]
     torch.save({"slices": slices, "digests": digests, "model_state": model_state, "optimizer_state": optimizer_state,
                 "local_numel": local_numel, "shapes": shapes}, f"{out}/rank{rank}.pt")
+    # Stop the prefetch thread before leaving, as the trainer does: a daemon thread still inside
+    # a torch call at interpreter exit aborted this worker once (SIGABRT) under a loaded CI box.
+    data.close()
     dist.barrier()
     dist.destroy_process_group()
 
