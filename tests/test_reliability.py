@@ -246,3 +246,16 @@ def test_sigterm_during_evaluation_saves_after_it_and_resume_is_exact(tiny_run, 
     assert metrics[0] == metrics[1] and any("val_loss" in r and r["step"] == 3 for r in metrics[1])
     a, b = (load_file(str(ckpt_io.latest_checkpoint(tmp_path / n) / "model.safetensors")) for n in ("straight", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_config_saved_before_a_key_existed_resumes_at_that_keys_default():
+    """A run folder written by an older lostlm lacks newer keys (e.g. layer.lost_pad_to): they
+    count as their default, while a non-default value is still a difference."""
+    from lostlm.configs import load_config
+    from lostlm.rundir import significant_differences
+
+    saved = load_config(None, []).to_dict()
+    del saved["layer"]["lost_pad_to"]
+    assert significant_differences(saved, load_config(None, []).to_dict()) == []
+    assert significant_differences(saved, load_config(None, ["layer.lost_pad_to=64"]).to_dict()) == [
+        "layer.lost_pad_to: 0 -> 64"]

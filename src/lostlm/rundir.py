@@ -42,7 +42,10 @@ OPERATIONAL_KEYS = {"train": {"eval_every", "log_every", "checkpoint_every", "ke
 
 
 def significant_differences(saved: dict, current: dict) -> list[str]:
-    """Config keys whose change would make a resumed run differ from an uninterrupted one."""
+    """Config keys whose change would make a resumed run differ from an uninterrupted one. A key
+    missing from a saved section (a config written before that key existed) counts as its
+    default, so a run started with an older lostlm resumes under a newer one."""
+    defaults = Config().to_dict()
     diffs = []
     for section, values in current.items():
         for key, value in values.items():
@@ -50,6 +53,8 @@ def significant_differences(saved: dict, current: dict) -> list[str]:
                 continue
             old_values = saved.get(section)
             old = old_values.get(key) if isinstance(old_values, dict) else None
+            if isinstance(old_values, dict) and key not in old_values:
+                old = defaults.get(section, {}).get(key)
             if old != value:
                 diffs.append(f"{section}.{key}: {old!r} -> {value!r}")
     return diffs
