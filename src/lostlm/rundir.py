@@ -52,9 +52,7 @@ def significant_differences(saved: dict, current: dict) -> list[str]:
             if key in OPERATIONAL_KEYS.get(section, set()):
                 continue
             old_values = saved.get(section)
-            old = old_values.get(key) if isinstance(old_values, dict) else None
-            if isinstance(old_values, dict) and key not in old_values:
-                old = defaults.get(section, {}).get(key)
+            old = old_values.get(key, defaults.get(section, {}).get(key)) if isinstance(old_values, dict) else None
             if old != value:
                 diffs.append(f"{section}.{key}: {old!r} -> {value!r}")
     return diffs
