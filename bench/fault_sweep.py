@@ -2,6 +2,8 @@
 
     PYTHONPATH=src python bench/fault_sweep.py                 # everything, appends to the results
     PYTHONPATH=src python bench/fault_sweep.py --only signals  # one group: signals, state, nan, disk, lock, inputs
+    PYTHONPATH=src python bench/fault_sweep.py --only signals --results bench/results/fault-sweep-rerun
+                                                               # rerun every trial on today's code, beside the record
 
 Every trial runs ``python -m lostlm``-equivalent children (this file with ``--child``, which calls
 ``lostlm.cli.main``) on a tiny model and a generated corpus, and records one JSON line in
@@ -16,7 +18,9 @@ a signal after a random delay.
 
 Groups and what "pass" means:
   signals  SIGKILL/SIGTERM/SIGINT x 10 moments (5 random + 3 mid-save + 2 mid-eval); after the
-           fault the same command runs to the end; final weights bit-identical to the
+           fault the same command runs to the end (random moments: the first run's steps are
+           paced, +PACE_S each, and the moment is drawn inside the paced loop, so a fast machine
+           cannot finish before the signal); final weights bit-identical to the
            uninterrupted reference, metrics equal (no duplicates, timing fields ignored)
   state    crafted state.json files: exit 2 with one error line, marker file untouched, no
            module named in the file imported
@@ -46,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results" / "fault-sweep"
 WORK = Path(os.environ.get("SWEEP_WORK", "/tmp/lostlm-fault-sweep"))
 IGNORED = ("time", "tok_per_s", "mfu", "per_s")
+PACE_S = 0.5  # seconds added to each step of a run that gets a signal at a random moment
 
 
 # -- the child: the real CLI plus an optional fault ------------------------------------------
@@ -237,7 +242,8 @@ def group_signals(rec: Recorder, corpus: Path, ref: Path, duration: float) -> No
     rng = random.Random(0)
     for name in ("SIGKILL", "SIGTERM", "SIGINT"):
         # random moments inside the training loop: counted from the first metrics line
-        plans = [("random", {"delay": round(rng.uniform(0.0, 8.0), 2)}) for _ in range(5)]
+        steps = int(dict(a.split("=", 1) for a in tiny_args(ref, corpus)[1:])["train.steps"])
+        plans = [("random", {"delay": round(rng.uniform(0.0, 1.0) * steps * PACE_S, 2)}) for _ in range(5)]
         plans += [("save", {"n": n}) for n in (1, 2, 3)] + [("eval", {"n": n}) for n in (2, 3)]
         for i, (kind, plan) in enumerate(plans):
             trial = f"signals-{name}-{i}-{kind}"
@@ -246,7 +252,8 @@ def group_signals(rec: Recorder, corpus: Path, ref: Path, duration: float) -> No
                 continue
             args = tiny_args(out, corpus)
             if kind == "random":
-                first = run_child(args, kill_after=plan["delay"], kill_signal=getattr(signal, name), after_first_metrics=out)
+                first = run_child(args, {"kind": "slow", "seconds": PACE_S}, kill_after=plan["delay"],
+                                  kill_signal=getattr(signal, name), after_first_metrics=out)
             else:
                 first = run_child(args, {"kind": kind, "n": plan["n"], "signal": name})
             finished = first.returncode == 0
@@ -591,12 +598,16 @@ def write_counts() -> dict:
 
 
 def main() -> None:
+    global RESULTS
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         sys.exit(child(sys.argv[2:]))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=sorted(GROUPS), action="append")
     parser.add_argument("--counts", action="store_true", help="only rewrite counts.json from trials.jsonl")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder of trials.jsonl and counts.json; a new folder reruns every trial (default: %(default)s)")
     args = parser.parse_args()
+    RESULTS = args.results.resolve()
     if args.counts:
         print(json.dumps(write_counts(), indent=1))
         return
