@@ -117,6 +117,8 @@ def overrides(run: dict) -> list[str]:
               "data.bpe_vocab_size": 4096, "data.seq_len": 256, "data.val_tokens": 512,
               "train.batch_size": run["batch"], "train.micro_batch_size": run["micro"], "train.steps": run["steps"],
               "train.threads": 2, "train.progress": False, "train.peak_flops": 1e9, "train.checkpoint_every": 0,
+              # fp32 on every machine (every recorded run is fp32): `auto` is bf16 where the CPU has native bf16
+              "train.precision": "fp32",
               "train.out_dir": str(WORK / "runs" / run["name"]), "train.resume": "never",
               # the logged steps' diagnostics copy the weights (update ratios): not what is measured here
               "train.diagnostics": "false",

@@ -35,17 +35,19 @@ from lostlm.diagnostics import spike_episodes
 from lostlm.train import Trainer
 
 RECIPE = ["model.preset=60m", "data.bpe_vocab_size=32000", "data.val_tokens=8192", "train.batch_size=16",
-          "train.log_every=1", "train.checkpoint_every=0", "train.threads=2", "train.progress=false"]
+          "train.log_every=1", "train.checkpoint_every=0", "train.threads=2", "train.progress=false",
+          "train.precision=fp32"]  # as the recorded runs; `auto` would be bf16 on a CPU with native bf16
 FACTORS = ("lowrank_down", "lowrank_up")
 
 
 def split_groups(trainer: Trainer, scales: dict[str, float]) -> None:
-    """Give the parameters whose names end with each key of ``scales`` their own AdamW param
-    group with that ``lr_scale`` (their optimizer state, if any, is kept)."""
-    old = trainer.optimizer
+    """Give the parameters whose names end with each key of ``scales`` their own param group
+    with that ``lr_scale``, in the trainer's optimizer itself (its state, kept per parameter,
+    stays; rebuilding the optimizer from its ``defaults`` fails on newer AdamW keys)."""
+    optimizer = trainer.optimizer
     names = {id(p): n for n, p in trainer.model.named_parameters()}
     groups = []
-    for group in old.param_groups:
+    for group in optimizer.param_groups:
         settings = {k: v for k, v in group.items() if k != "params"}
         rest = list(group["params"])
         for suffix, scale in scales.items():
@@ -53,10 +55,20 @@ def split_groups(trainer: Trainer, scales: dict[str, float]) -> None:
             rest = [p for p in rest if not names[id(p)].endswith(suffix)]
             groups.append({**settings, "params": picked, "lr_scale": scale})
         groups.append({**settings, "params": rest})
-    new = type(old)([g for g in groups if g["params"]], **old.defaults)
-    for p, state in old.state.items():
-        new.state[p] = state
-    trainer.optimizer = new
+    if not any(g["params"] and "lr_scale" in g for g in groups):
+        raise SystemExit(f"no parameter name ends with any of {sorted(scales)}")
+    optimizer.param_groups = []
+    for group in groups:
+        if group["params"]:
+            optimizer.add_param_group(group)
+
+
+def _lr_scale(text: str) -> tuple[str, float]:
+    suffix, _, scale = text.partition("=")
+    try:
+        return suffix, float(scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not SUFFIX=SCALE (e.g. sparse_weight=0.3)") from None
 
 
 def run(args) -> None:
@@ -71,7 +83,7 @@ def run(args) -> None:
     else:
         cfg = load_config("configs/tiny.yaml", [*RECIPE, f"train.out_dir={out}", *args.overrides])
     trainer = Trainer(cfg)
-    scales = {k: float(v) for k, v in (item.split("=") for item in args.lr_scale)}
+    scales = dict(args.lr_scale)
     if args.factor_lr_scale != 1.0:
         scales.update({suffix: args.factor_lr_scale for suffix in FACTORS})
     if scales:
@@ -236,10 +248,11 @@ def main() -> None:
     p = sub.add_parser("run")
     p.add_argument("out")
     p.add_argument("--factor-lr-scale", type=float, default=1.0)
-    p.add_argument("--lr-scale", nargs="*", default=[], metavar="SUFFIX=SCALE",
-                   help="lr multiplier for the parameters whose names end with SUFFIX, e.g. sparse_weight=0.3")
+    p.add_argument("--lr-scale", action="append", default=[], type=_lr_scale, metavar="SUFFIX=SCALE",
+                   help="lr multiplier for the parameters whose names end with SUFFIX, e.g. sparse_weight=0.3 "
+                        "(repeat the flag for more groups)")
     p.add_argument("--start-from", metavar="FOLDER:STEP", help="continue a copy of FOLDER from its checkpoint at STEP")
-    p.add_argument("overrides", nargs="*")
+    # the config overrides (KEY=VALUE) are collected in main(), before or after the options
     p = sub.add_parser("probe")
     p.add_argument("folder")
     p.add_argument("work")
@@ -254,7 +267,12 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=200)
     p.add_argument("--top", type=int, default=3)
     p.add_argument("--groups", default="", help="comma-separated groups to tabulate side by side")
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    if args.command == "run":
+        args.overrides = [a for a in extra if "=" in a and not a.startswith("-")]
+        extra = [a for a in extra if a not in args.overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     torch.set_num_threads(2)
     {"run": run, "report": report, "probe": probe, "revert": revert}[args.command](args)
 

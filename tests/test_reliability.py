@@ -248,6 +248,27 @@ def test_sigterm_during_evaluation_saves_after_it_and_resume_is_exact(tiny_run, 
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_run_moved_to_a_machine_where_auto_means_another_precision_is_refused(tiny_run, tmp_path, monkeypatch):
+    """``train.precision: auto`` trains fp32 on a CPU without native bf16 and bf16 on one with it:
+    the checkpoint records what it trained in, and a resume that would switch is refused with
+    the setting that continues it exactly; that setting resumes even though its text differs."""
+    monkeypatch.setattr("lostlm.runtime.cpu_supports_bf16", lambda: False)
+    Trainer(load_config(None, tiny_run("moved", train__precision="auto", train__steps=3))).train()
+    ckpt = ckpt_io.find_checkpoint(tmp_path / "moved")
+    assert ckpt_io.read_state(ckpt)["precision"] == "float32"
+
+    monkeypatch.setattr("lostlm.runtime.cpu_supports_bf16", lambda: True)  # the same folder, another machine
+    with pytest.raises(LostLMError, match=r"trained in 'float32', but train.precision=auto trains in bfloat16 here; "
+                                          r"set train.precision=fp32 to continue it exactly"):
+        Trainer(load_config(None, tiny_run("moved", train__precision="auto", train__steps=3)))
+    resumed = Trainer(load_config(None, tiny_run("moved", train__precision="fp32", train__steps=3)))
+    assert resumed.step == 3 and resumed.amp_dtype is None
+    resumed.close()
+    # the folder's config now says fp32; without a recorded precision (older checkpoints) the text decides
+    with pytest.raises(LostLMError, match="train.precision: 'fp32' -> 'auto'"):
+        rundir.check_config(tmp_path / "moved", load_config(None, tiny_run("moved", train__precision="auto", train__steps=3)), 3)
+
+
 def test_a_config_saved_before_a_key_existed_resumes_at_that_keys_default():
     """A run folder written by an older lostlm lacks newer keys (e.g. layer.lost_pad_to): they
     count as their default, while a non-default value is still a difference."""

@@ -195,3 +195,20 @@ def test_methods_flag_runs_only_the_named_variants_and_rejects_unknown_names(tmp
     assert sorted(p.parents[1].name.split("-")[0] for p in finished) == ["lr0.0003", "lr0.001", "lr0.003"]
     record = json.loads((tmp_path / "results" / "sweep.json").read_text())["variants"]
     assert record["lost"]["chosen_lr"] in sweep["grid"] and record["full"]["points"] == []
+
+
+def test_run_key_follows_the_precision_auto_resolves_to(tmp_path, tiny_run, monkeypatch):
+    """A machine with native bf16 trains ``auto`` in bf16: its runs get other folders than the fp32
+    runs of the same recipe on a machine without it; fp32 keeps the key ``auto`` always had."""
+    recipe = load_recipe(_recipe(tmp_path, tiny_run))
+    _, lost = recipe.variants
+    keys = {}
+    for native_bf16 in (False, True):
+        monkeypatch.setattr("lostlm.runtime.cpu_supports_bf16", lambda native=native_bf16: native)
+        for precision in ("auto", "fp32", "bf16"):
+            cfg = run_config(recipe, lost, 0)
+            cfg.train.device, cfg.train.precision = "cpu", precision
+            keys[native_bf16, precision] = run_key(cfg)["hash"]
+    assert keys[False, "auto"] == keys[False, "fp32"] == keys[True, "fp32"]   # fp32 everywhere
+    assert keys[True, "auto"] == keys[True, "bf16"] == keys[False, "bf16"]    # bf16 autocast everywhere
+    assert keys[False, "auto"] != keys[True, "auto"]

@@ -24,7 +24,7 @@ from . import checkpoint as ckpt_io
 from .configs import Config, read_config_file, save_config
 from .errors import LostLMError
 from .optim import lr_at
-from .runtime import atomic_write_text
+from .runtime import atomic_write_text, precision_name
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -66,9 +66,9 @@ def steps_change_is_safe(old_steps, cfg: Config, done: int) -> bool:
     return all(lr_at(i, old) == lr_at(i, cfg) for i in range(done))
 
 
-def check_config(run_dir: Path, cfg: Config, done: int = 0) -> None:
+def check_config(run_dir: Path, cfg: Config, done: int = 0, trained_in: str | None = None) -> None:
     """Refuse a folder that holds a run with a significantly different config (``done``: the
-    steps its checkpoint has taken)."""
+    steps its checkpoint has taken; ``trained_in``: the precision it recorded, see below)."""
     config_file = Path(run_dir) / CONFIG_FILE
     if not config_file.is_file():
         return
@@ -77,6 +77,17 @@ def check_config(run_dir: Path, cfg: Config, done: int = 0) -> None:
     old_steps = saved.get("train", {}).get("steps") if isinstance(saved.get("train"), dict) else None
     if any(d.startswith("train.steps:") for d in diffs) and steps_change_is_safe(old_steps, cfg, done):
         diffs = [d for d in diffs if not d.startswith("train.steps:")]
+    if trained_in is not None:
+        # The checkpoint says what it trained in: that decides, not the text of train.precision
+        # (``auto`` is fp32 on a CPU without native bf16 and bf16 on one with it).
+        diffs = [d for d in diffs if not d.startswith("train.precision:")]
+        now = precision_name(cfg.train.precision, cfg.train.device)
+        if trained_in != now:
+            setting = {"float32": "fp32", "bfloat16": "bf16"}.get(trained_in) if isinstance(trained_in, str) else None
+            fix = f"set train.precision={setting} to continue it exactly" if setting else \
+                "the checkpoint is damaged; move it away"
+            raise LostLMError(f"train.out_dir={run_dir} holds a run trained in {str(trained_in)[:40]!r}, but "
+                              f"train.precision={cfg.train.precision} trains in {now} here; {fix}")
     if diffs:
         raise LostLMError(f"train.out_dir={run_dir} holds a run with a different config ({diffs[0]}"
                           f"{f' and {len(diffs) - 1} more' if len(diffs) > 1 else ''}); "
@@ -87,7 +98,8 @@ def checkpoint_to_resume(run_dir: Path, cfg: Config) -> Path | None:
     """The checkpoint this run continues from (None: a fresh start), after the config check
     and ``train.resume`` (``never`` refuses a folder that already holds a checkpoint)."""
     latest = ckpt_io.find_checkpoint(run_dir)
-    check_config(run_dir, cfg, ckpt_io.read_state(latest)["step"] if latest is not None else 0)
+    state = ckpt_io.read_state(latest) if latest is not None else {}
+    check_config(run_dir, cfg, state.get("step", 0), state.get("precision"))
     if latest is not None and cfg.train.resume == "never":
         raise LostLMError(f"train.out_dir={run_dir} already holds a checkpoint ({latest.name}); "
                           "use another train.out_dir, or train.resume=auto to continue it")

@@ -109,6 +109,14 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_supports_bf16() else None
 
 
+def precision_name(precision: str, device: str) -> str:
+    """What ``train.precision`` trains in on ``device`` (``train.device``) here: ``float32`` or
+    ``bfloat16``. ``auto`` depends on the machine, so this, not the config text, says whether two
+    runs (or a checkpoint and its resume) share their maths."""
+    dtype = autocast_dtype(precision, torch.device(device_kind(device)))
+    return str(dtype or torch.float32).removeprefix("torch.")
+
+
 def autocast_context(device: torch.device, dtype: torch.dtype | None) -> Callable[[], contextlib.AbstractContextManager]:
     """A factory of autocast contexts (a no-op context when ``dtype`` is None, i.e. fp32)."""
     if dtype is None:

@@ -50,7 +50,7 @@ from .model import set_activation_checkpointing
 from .optim import build_optimizer, lr_at
 from .parallel import wrap_for_training
 from .reweight import sample_weights, weight_stats
-from .runtime import autocast_context, autocast_dtype, device_kind, init_distributed, resolve_device
+from .runtime import autocast_context, autocast_dtype, device_kind, init_distributed, precision_name, resolve_device
 from .summary import Session, build_summary, format_summary, write_summary
 
 __all__ = ["Trainer", "format_summary"]
@@ -302,7 +302,8 @@ class Trainer:
             return None
         state = {"data": data_position, "tokens": self.tokens_seen, "train_seconds": self.train_seconds,
                  "bad_steps": self.bad_steps, "config": self.cfg.to_dict(), "world_size": self.env.world_size,
-                 "loss_spikes": self.diag.spikes.state_dict()}
+                 "loss_spikes": self.diag.spikes.state_dict(),
+                 "precision": precision_name(self.cfg.train.precision, self.cfg.train.device)}
         path = ckpt_io.save_checkpoint(self.run_dir, self.step, model_state, optimizer_state, state,
                                        keep=self.cfg.train.keep_checkpoints)
         self._saved_step = self.step

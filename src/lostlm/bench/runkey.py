@@ -11,6 +11,12 @@ A bench run lives in ``<results>/runs/<variant>/lr<lr>-<hash>/seed<k>/`` (stage 
   ``method``, ``targets``, ``galore_*``), plus, for the others, every ``layer.<key>`` their
   builder's reached definitions (below) mention — so a new config key another method reads
   does not move this method's runs;
+* the precision the run will actually train in: ``train.precision: auto`` is keyed by what it
+  resolves to on this machine (bf16 autocast where the CPU or GPU has native bf16, else fp32),
+  so one recipe run on two kinds of machine never puts fp32 and bf16 runs in one folder. An
+  fp32 run is keyed with the text ``auto`` whether the config says ``auto`` or ``fp32``: every
+  key made before this rule came from ``auto`` on machines without native bf16, and they stay
+  valid; a bf16 run is keyed ``bf16``;
 * a fingerprint of the code the maths runs through: the syntax trees (no comments, no
   docstrings) of the whole of :data:`SHARED_MODULES` (every method), plus, in
   :data:`METHOD_MODULES` (``layers.py``, ``methods.py``), only the top-level definitions the
@@ -31,6 +37,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from .. import runtime
 from ..configs import Config
 
 BOOKKEEPING = {
@@ -128,7 +135,14 @@ def maths_of(cfg: Config) -> dict:
         for key in keys:
             data[section].pop(key, None)
     data["layer"] = {k: data["layer"][k] for k in layer_keys(cfg.layer.method) if k in data["layer"]}
+    data["train"]["precision"] = keyed_precision(cfg)
     return data
+
+
+def keyed_precision(cfg: Config) -> str:
+    """``auto`` for a run that trains in fp32 here, ``bf16`` for one under bf16 autocast (see the
+    module docstring: ``auto`` is the text the fp32 keys have always had)."""
+    return "auto" if runtime.precision_name(cfg.train.precision, cfg.train.device) == "float32" else "bf16"
 
 
 def run_key(cfg: Config) -> dict:
