@@ -65,6 +65,7 @@ def test_bench_runs_writes_table_json_plots_and_resumes(tmp_path, tiny_run, caps
     (["full", "full"], {}, "must be unique"),
     ([{"name": "x", "method": "lost", "overrides": {"layer.gamma": 3}}], {}, "variant x: config layer.gamma=3.0"),
     (["full"], {"seedz": [1]}, "unknown key(s) ['seedz']"),
+    (["full", "lost"], {"subject": "cola"}, "subject 'cola' is not one of the variants (full, lost)"),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, tiny_run, capsys, methods, extra, fragment):
     path = write_recipe(tmp_path, tiny_run, methods, **extra)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from lostlm.bench.stats import paired, paired_table, verdict
+from lostlm.bench.stats import format_paired, paired, paired_table, subject_table, verdict
 
 
 def test_hand_computed_example():
@@ -47,3 +47,17 @@ def test_paired_table_skips_the_reference_and_unfinished_variants():
     rows = paired_table([v("full", {0: 5.0, 1: 5.2}), v("lost", {0: 4.9, 1: 5.0}), v("cola", {})], "full")
     assert [r["variant"] for r in rows] == ["lost"] and rows[0]["diffs"] == pytest.approx([-0.1, -0.2])
     assert paired_table([v("lost", {0: 1.0})], "full") == []
+
+
+def test_subject_table_pairs_the_subject_against_every_other_finished_variant():
+    def v(name, losses):
+        return {"name": name, "runs": [{"seed": s, "summary": {"val_loss": l}} for s, l in losses.items()]}
+    variants = [v("full", {0: 5.0, 1: 5.2, 2: 5.1}), v("lost", {0: 4.9, 1: 5.0, 2: 4.8}), v("cola", {0: 4.8, 2: 4.7}),
+                v("sltrain", {})]
+    rows = subject_table(variants, "lost")
+    assert [(r["variant"], r["reference"]) for r in rows] == [("lost", "full"), ("lost", "cola")]
+    assert rows[0]["diffs"] == pytest.approx([-0.1, -0.2, -0.3]) and rows[1]["seeds"] == [0, 2]
+    assert rows[1]["diffs"] == pytest.approx([0.1, 0.1])   # d = loss(subject) - loss(other): LOST is worse here
+    text = "\n".join(format_paired(rows, subject="lost"))
+    assert "of `lost` against each other variant" in text and "| cola | 0,2 | +0.1000, +0.1000 |" in text
+    assert subject_table(variants, "sltrain") == []

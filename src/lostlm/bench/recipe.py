@@ -14,6 +14,7 @@ A recipe (YAML)::
         overrides: {layer.gamma: 0.25}
         seeds: [0]                   # optional: this variant's own seeds
     reference: full                  # paired statistics against this variant (default: full, else the first)
+    subject: lost                    # optional: also this variant against every other one (d = subject - other)
     promote_seeds: [1, 2]            # optional: variants run at one seed that beat the reference there get these too
     sweep:                           # optional: tune train.lr per variant first (docs/benchmarks.md)
       grid: [1.0e-2, 5.0e-3, 2.5e-3, 1.0e-3, 5.0e-4]
@@ -41,8 +42,8 @@ from ..errors import LostLMError
 from .runkey import key_folder
 
 RESULTS_ROOT = Path("bench/results")
-RECIPE_KEYS = ("name", "description", "base", "seeds", "methods", "results", "isolate", "reference", "promote_seeds",
-               "sweep", "lr_from")
+RECIPE_KEYS = ("name", "description", "base", "seeds", "methods", "results", "isolate", "reference", "subject",
+               "promote_seeds", "sweep", "lr_from")
 VARIANT_KEYS = ("name", "method", "overrides", "seeds")
 SWEEP_KEYS = ("grid", "grids", "seed", "overrides", "factor", "max_extensions")
 
@@ -83,6 +84,7 @@ class Recipe:
     source: Path | None = None
     description: str = ""
     reference: str | None = None
+    subject: str | None = None
     promote_seeds: list[int] = field(default_factory=list)
     sweep: Sweep | None = None
     lr_from: dict | None = None
@@ -238,10 +240,13 @@ def load_recipe(path: str | Path, results: str | Path | None = None) -> Recipe:
                     results=Path(results or data.get("results") or RESULTS_ROOT / name),
                     isolate=bool(data.get("isolate", True)), source=path, description=str(data.get("description", "")),
                     promote_seeds=_seeds(data, path, "promote_seeds", ()), sweep=_sweep(data, path), lr_from=_lr_from(data, path))
-    reference = data.get("reference", "full" if "full" in [v.name for v in variants] else variants[0].name)
-    if reference not in [v.name for v in variants]:
-        raise LostLMError(f"bench recipe {path}: reference {reference!r} is not one of the variants ({', '.join(v.name for v in variants)})")
+    names = [v.name for v in variants]
+    reference = data.get("reference", "full" if "full" in names else variants[0].name)
+    for key, value in (("reference", reference), ("subject", data.get("subject", reference))):
+        if value not in names:
+            raise LostLMError(f"bench recipe {path}: {key} {value!r} is not one of the variants ({', '.join(names)})")
     recipe.reference = str(reference)
+    recipe.subject = str(data["subject"]) if data.get("subject") is not None else None
     for variant in variants:  # fail before any run starts
         run_config(recipe, variant, recipe.seeds_of(variant)[0])
         if recipe.sweep:

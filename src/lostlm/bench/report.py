@@ -16,7 +16,7 @@ from typing import Any
 from ..configs import Config
 from ..errors import LostLMError
 from .recipe import Recipe, load_recipe, run_dir
-from .stats import format_paired, paired_table
+from .stats import format_paired, paired_table, subject_table
 
 
 def machine_info() -> dict:
@@ -244,6 +244,8 @@ def format_results(variants: list[dict], info: dict) -> str:
     reference = info.get("reference")
     if reference and info.get("paired"):
         lines += ["", *format_paired(info["paired"], reference)]
+    if info.get("subject_paired"):
+        lines += ["", *format_paired(info["subject_paired"], subject=info["subject"])]
     if info.get("sweep"):
         lines += ["", *_sweep_section(info["sweep"])]
     stale = [(v["name"], r) for v in variants for r in v.get("stale_runs", [])]
@@ -317,6 +319,8 @@ def write_report(results_dir: Path, recipe: Recipe | None = None) -> dict:
             "planned_runs": sum(len(recipe.seeds_of(v)) for v in recipe.variants) if recipe else None,
             "reference": _reference(recipe, variants), "sweep": sweep}
     info["paired"] = paired_table(variants, info["reference"]) if info["reference"] else []
+    info["subject"] = recipe.subject if recipe else None
+    info["subject_paired"] = subject_table(variants, info["subject"]) if info["subject"] else []
     (results_dir / "results.md").write_text(format_results(variants, info))
     payload = {**info, "variants": variants}
     atomic_write_text(results_dir / "results.json", json.dumps(payload, indent=1, default=_json_default))

@@ -58,10 +58,14 @@ def verdict(mean: float, se: float) -> str:
     return "within noise"
 
 
+def _losses(variants: list[dict]) -> dict[str, dict[int, float]]:
+    return {v["name"]: {r["seed"]: r["summary"]["val_loss"] for r in v["runs"]} for v in variants}
+
+
 def paired_table(variants: list[dict], reference: str) -> list[dict]:
     """One :func:`paired` entry per variant other than ``reference`` (variants as the report's
     :func:`collect` gives them: ``name`` and ``runs`` with ``seed`` and ``summary.val_loss``)."""
-    by_name = {v["name"]: {r["seed"]: r["summary"]["val_loss"] for r in v["runs"]} for v in variants}
+    by_name = _losses(variants)
     if reference not in by_name:
         return []
     ref = by_name[reference]
@@ -69,17 +73,30 @@ def paired_table(variants: list[dict], reference: str) -> list[dict]:
             for v in variants if v["name"] != reference and v["runs"]]
 
 
-def format_paired(rows: list[dict], reference: str) -> list[str]:
-    """The Markdown section of the paired statistics."""
+def subject_table(variants: list[dict], subject: str) -> list[dict]:
+    """``subject`` against every other finished variant: d = loss(subject) − loss(other) per shared
+    seed (the recipe's ``subject``, e.g. LOST against each baseline and each control)."""
+    by_name = _losses(variants)
+    if not by_name.get(subject):
+        return []
+    return [{"variant": subject, "reference": v["name"], **paired(by_name[subject], by_name[v["name"]])}
+            for v in variants if v["name"] != subject and v["runs"]]
+
+
+def format_paired(rows: list[dict], reference: str | None = None, subject: str | None = None) -> list[str]:
+    """The Markdown section of the paired statistics: every variant against ``reference``, or
+    ``subject`` against every other variant (then the first column names the other one)."""
     if not rows:
         return []
-    lines = [f"## Paired difference of validation loss against `{reference}`", "", VERDICT_RULE, "",
-             "| variant | seeds | per-seed d (nats) | mean d ± std | SE | t | verdict |", "|---|---|---|---:|---:|---:|---|"]
+    title = f"against `{reference}`" if subject is None else f"of `{subject}` against each other variant"
+    column, key = ("variant", "variant") if subject is None else ("against", "reference")
+    lines = [f"## Paired difference of validation loss {title}", "", VERDICT_RULE, "",
+             f"| {column} | seeds | per-seed d (nats) | mean d ± std | SE | t | verdict |", "|---|---|---|---:|---:|---:|---|"]
     for r in rows:
         per = ", ".join(f"{d:+.4f}" for d in r["diffs"])
         std = f" ± {r['std']:.4f}" if r["n"] > 1 else ""
         se = f"{r['se']:.4f}" if r["n"] > 1 else "–"
         t = f"{r['t']:+.2f}" if r["n"] > 1 else "–"
         mean = f"{r['mean']:+.4f}{std}" if r["n"] else "–"
-        lines.append(f"| {r['variant']} | {','.join(map(str, r['seeds'])) or 'none'} | {per} | {mean} | {se} | {t} | {r['verdict']} |")
+        lines.append(f"| {r[key]} | {','.join(map(str, r['seeds'])) or 'none'} | {per} | {mean} | {se} | {t} | {r['verdict']} |")
     return lines
