@@ -70,7 +70,7 @@ def _seed_dirs(variant_dir: Path) -> list[Path]:
     return sorted(variant_dir.glob("seed*"), key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else 0)
 
 
-def _collect_run(seed_dir: Path, peak_override: float | None) -> dict | None:
+def _collect_run(seed_dir: Path) -> dict | None:
     """One finished run (None when it has no summary.json yet): summary with the steady rate
     and MFU added, validation curve, and the analytic estimate of its config."""
     from ..configs import config_from_dict, read_config_file
@@ -86,9 +86,9 @@ def _collect_run(seed_dir: Path, peak_override: float | None) -> dict | None:
         # the median step (the trainer's, over every step; else the logged steps after 2
         # warm-up steps): robust to compile time and to other processes stealing the CPU
         summary["tokens_per_s_steady"] = summary.get("tokens_per_s_median_step") or statistics.median(steady)
+        # against the peak measured on the machine that ran it (its summary's): a bench resumed on
+        # another kind of machine must not divide one machine's rate by another's peak
         summary["mfu_steady"] = summary["mfu"] * summary["tokens_per_s_steady"] / summary["tokens_per_s"]
-        if peak_override:  # MFU against the bench's current peak (refreshed by --peak)
-            summary["mfu_steady"] *= summary["peak_flops_per_s"] / peak_override
     entry = {"seed": int(seed_dir.name[4:]), "folder": str(seed_dir), "summary": summary,
              "eval_curve": [{k: r.get(k) for k in ("step", "tokens", "time", "val_loss")} for r in evals]}
     config_file = seed_dir / "config.yaml"
@@ -121,8 +121,8 @@ def _aggregate(runs: list[dict]) -> dict:
     return agg
 
 
-def _variant_entry(name: str, method: str | None, seed_dirs: list[Path], peak_override: float | None) -> dict:
-    runs = [r for r in (_collect_run(d, peak_override) for d in seed_dirs) if r is not None]
+def _variant_entry(name: str, method: str | None, seed_dirs: list[Path]) -> dict:
+    runs = [r for r in (_collect_run(d) for d in seed_dirs) if r is not None]
     if not runs:
         return {"name": name, "method": method, "runs": []}
     return {"name": name, "method": method or runs[0]["summary"]["method"], "runs": runs, "aggregate": _aggregate(runs)}
@@ -154,13 +154,11 @@ def collect(results_dir: Path, recipe: Recipe | None = None) -> list[dict]:
     finished runs under other keys are listed in ``stale_runs``. Without one, every key folder
     under ``runs/<variant>/`` is its own entry."""
     runs_root = Path(results_dir) / "runs"
-    peak_info = _read_json(Path(results_dir) / "peak.json") or {}
-    peak_override = peak_info.get("peak_flops_per_s")
     variants = []
     if recipe is not None:
         for v in recipe.variants:
             current, stale = _recipe_seed_dirs(recipe, v)
-            entry = _variant_entry(v.name, v.method, [d for d in current if d.is_dir()], peak_override)
+            entry = _variant_entry(v.name, v.method, [d for d in current if d.is_dir()])
             entry["stale_runs"] = stale
             variants.append(entry)
         return variants
@@ -168,7 +166,7 @@ def collect(results_dir: Path, recipe: Recipe | None = None) -> list[dict]:
         keys = sorted(p for p in vdir.iterdir() if p.is_dir() and not p.name.startswith("seed"))
         for key in keys:
             name = vdir.name if len(keys) == 1 else f"{vdir.name} ({key.name})"
-            variants.append(_variant_entry(name, None, _seed_dirs(key), peak_override))
+            variants.append(_variant_entry(name, None, _seed_dirs(key)))
     return variants
 
 
@@ -180,7 +178,10 @@ TABLE_NOTE = ("Validation perplexity is token-weighted over the whole held-out s
               "peak RSS of the run's own process on CPU (includes Python, torch, the data and activations), "
               "max_memory_allocated on GPU. tokens/s: rate of the median training step (excludes evaluation, "
               "checkpointing, compilation and load spikes; mean over seeds); MFU = analytic model FLOP/s at that rate (3× forward, "
-              "`lostlm.costs`) ÷ the measured peak above.")
+              "`lostlm.costs`) ÷ the peak matmul rate measured on the machine that ran it (its summary's). A bench "
+              "resumed in several sessions may have runs from different kinds of machine: tokens/s then compares "
+              "machines as much as methods (the peaks line above shows whether it does); speed comparisons belong "
+              "to `bench/memory.py --speed` and `bench/step_speed.py`, which time every method in one process.")
 
 BREAKDOWN_NOTE = ("Memory breakdown (MiB): analytic parts (fp32 weights and grads, fp32 Adam moments, bf16 activations "
                   "saved for backward over one micro-batch, plus the loss's or a recomputed block's transient buffers) next "
@@ -231,9 +232,13 @@ def format_results(variants: list[dict], info: dict) -> str:
         lines += [info["description"], ""]
     machine = info.get("machine", {})
     peak = info.get("peak", {})
-    lines.append(f"Machine: {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores, torch {machine.get('torch', '?')}, "
-                 f"{machine.get('torch_threads', '?')} threads). Peak matmul rate (MFU denominator): "
-                 f"{peak.get('peak_flops_per_s', float('nan')) / 1e9:.1f} GFLOP/s {peak.get('dtype', '')}.")
+    peaks = sorted({r["summary"]["peak_flops_per_s"] for v in variants for r in v["runs"]
+                    if isinstance(r["summary"].get("peak_flops_per_s"), (int, float))})
+    lines.append(f"Machine of this report: {machine.get('cpu', '?')} ({machine.get('cores', '?')} cores, torch "
+                 f"{machine.get('torch', '?')}, {machine.get('torch_threads', '?')} threads); peak matmul rate measured when the bench last started "
+                 f"{peak.get('peak_flops_per_s', float('nan')) / 1e9:.1f} GFLOP/s {peak.get('dtype', '')}. Peak rates "
+                 f"recorded by the runs (their MFU denominators): "
+                 f"{', '.join(f'{x / 1e9:.1f}' for x in peaks) or 'none'} GFLOP/s.")
     lines.append("")
     if info.get("planned_runs") is not None:
         lines += [f"Finished runs: {info['finished_runs']} of {info['planned_runs']} planned (variants without a row, or "
