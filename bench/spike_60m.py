@@ -7,6 +7,8 @@ tabulate where a spike starts from the trainer's diagnostics in metrics.jsonl.
     python bench/spike_60m.py run /tmp/spike/lost-s03 --start-from /tmp/spike/lost:5 --lr-scale sparse_weight=0.3
     # the table: loss, grad norm, max logit, the groups with the largest update ratio / grad norm
     python bench/spike_60m.py report /tmp/spike/lost /tmp/spike/full
+    # two runs on the same batches: per-step loss side by side, LOST's excess over full-rank
+    python bench/spike_60m.py pair /tmp/spike/lost /tmp/spike/full
     # replay a run from its checkpoint (exact resume) up to the weights before the spike step
     # and dissect that step's forward: per-sequence loss, per-block activation peaks, ablations
     python bench/spike_60m.py probe /tmp/spike/lost /tmp/spike/probe --spike-step 8
@@ -89,6 +91,27 @@ def run(args) -> None:
     if scales:
         split_groups(trainer, scales)
     trainer.train()
+
+
+def _train_losses(folder: str) -> dict[int, dict]:
+    records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r for r in records if "loss" in r and "event" not in r}
+
+
+def pair(args) -> None:
+    """Two runs on the same batches (same seed and data): the loss of each step side by side and
+    the excess d = loss(A) − loss(B). A spike of A that B shares on the same batch is the batch,
+    not A's training; the steps where d exceeds --excess nats are A's own."""
+    a, b = _train_losses(args.a), _train_losses(args.b)
+    steps = sorted(set(a) & set(b))
+    own = [s for s in steps if a[s]["loss"] - b[s]["loss"] > args.excess]
+    print(f"## {args.a} (A) vs {args.b} (B): {len(steps)} shared steps; "
+          f"steps where A exceeds B by more than {args.excess} nats: {own}")
+    print("| step | loss A | loss B | d = A − B | grad norm A | grad norm B |")
+    print("|---|---|---|---|---|---|")
+    for s in steps[:args.rows]:
+        print(f"| {s} | {a[s]['loss']:.3f} | {b[s]['loss']:.3f} | {a[s]['loss'] - b[s]['loss']:+.3f} | "
+              f"{a[s]['grad_norm']:.2f} | {b[s]['grad_norm']:.2f} |")
 
 
 def report(args) -> None:
@@ -267,6 +290,11 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=200)
     p.add_argument("--top", type=int, default=3)
     p.add_argument("--groups", default="", help="comma-separated groups to tabulate side by side")
+    p = sub.add_parser("pair")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--excess", type=float, default=0.5, help="nats of A over B that count as A's own spike")
+    p.add_argument("--rows", type=int, default=200)
     args, extra = parser.parse_known_args()
     if args.command == "run":
         args.overrides = [a for a in extra if "=" in a and not a.startswith("-")]
@@ -274,7 +302,7 @@ def main() -> None:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     torch.set_num_threads(2)
-    {"run": run, "report": report, "probe": probe, "revert": revert}[args.command](args)
+    {"run": run, "report": report, "probe": probe, "revert": revert, "pair": pair}[args.command](args)
 
 
 if __name__ == "__main__":
