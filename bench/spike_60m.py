@@ -121,9 +121,12 @@ def report(args) -> None:
         t = config.train
         warmup = t.warmup_steps if t.warmup_steps is not None else max(1, t.steps // 10)
         steps = [r for r in records if "loss" in r and "event" not in r]
-        spikes = spike_episodes([(r["step"], r["loss"]) for r in steps], warmup)
+        spikes = spike_episodes([(r["step"], r["loss"], r.get("grad_norm")) for r in steps], warmup)
+        kinds = ", ".join(f"{e['step']} ({'unstable' if e['unstable'] else 'hard batch'}, gradient norm "
+                          f"{e['grad_norm_ratio']:.1f}x median)" if e["grad_norm_ratio"] is not None else str(e["step"])
+                          for e in spikes)
         print(f"## {folder}: {config.layer.method}, lr {t.lr}, warm-up {warmup} of {t.steps} steps, "
-              f"seq {config.data.seq_len}; {len(steps)} steps logged; loss spikes at steps {[e['step'] for e in spikes]}")
+              f"seq {config.data.seq_len}; {len(steps)} steps logged; loss spikes at steps: {kinds or 'none'}")
         print("| step | loss | grad norm | max logit | largest update ratios | largest grad norms |")
         print("|---|---|---|---|---|---|")
         for r in steps[:args.rows]:

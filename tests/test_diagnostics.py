@@ -3,11 +3,14 @@
 import json
 import math
 
+import pytest
 import torch
 
 from lostlm.build import build_model
 from lostlm.configs import load_config
-from lostlm.diagnostics import MaxLogitProbe, SpikeDetector, grad_norms, group_of, snapshot, spike_episodes, update_ratios
+from lostlm.diagnostics import (GRAD_JUMP, GRAD_WINDOW, MaxLogitProbe, SpikeDetector, grad_norms, group_of, snapshot,
+                                spike_episodes, spike_warning, update_ratios)
+from lostlm.errors import LostLMError
 from lostlm.train import Trainer
 
 VOCAB = 50
@@ -107,6 +110,44 @@ def test_spike_detector_fires_on_a_jump_only_after_warmup():
     assert restored.update(7, 8.9) == detector.update(7, 8.9) and restored.count == detector.count == 2
 
 
+def test_a_spike_is_unstable_only_when_the_gradient_norm_jumps_with_the_loss():
+    losses = [10.0, 9.0, 8.0, 7.0, 7.3, 7.4, 6.9, 7.7]
+    norms = [2.0, 1.0, 3.0, 1.5, 1.0, 1.2, 1.1, 1.0]  # step 8: a hard batch, gradient as usual
+    events = spike_episodes(zip(range(1, 9), losses, norms), warmup_steps=2)
+    assert [e["step"] for e in events] == [8] and not events[0]["unstable"]
+    median = sorted(norms[:7])[3]  # 1.2, an odd count: the middle value
+    assert math.isclose(events[0]["grad_norm_ratio"], 1.0 / median)
+    norms[7] = GRAD_JUMP * median  # the same loss with a gradient norm at the threshold
+    events = spike_episodes(zip(range(1, 9), losses, norms), warmup_steps=2)
+    assert events[0]["unstable"] and math.isclose(events[0]["grad_norm_ratio"], GRAD_JUMP)
+    assert spike_episodes(enumerate(losses, 1), warmup_steps=2)[0]["unstable"]  # no norms: not dismissed
+    # the median is over the last GRAD_WINDOW norms only: an old huge norm has left the window
+    long_norms = [100.0] + [1.0] * (GRAD_WINDOW + 5)
+    long_losses = [5.0] * len(long_norms) + [6.0]
+    detector = SpikeDetector(1)
+    for step, (loss, norm) in enumerate(zip(long_losses, long_norms + [2.5]), 1):
+        event = detector.update(step, loss, norm)
+    assert event["grad_norm_ratio"] == 2.5 and event["unstable"]
+    assert detector.count == detector.unstable == 1
+    # through state.json, and a checkpoint from before the classification (no history) still loads
+    restored = SpikeDetector(1)
+    restored.load_state_dict(json.loads(json.dumps(detector.state_dict())))
+    assert restored.update(99, 6.0, 1.0) == detector.update(99, 6.0, 1.0)
+    old = SpikeDetector(1)
+    old.load_state_dict({"running_min": 5.0, "count": 2, "in_spike": False})
+    assert old.unstable == 2 and old.update(3, 6.0, 1.0)["unstable"]  # no history: counted unstable
+    for damaged in ({"recent_grad_norms": ["x"]}, {"count": [1]}, {"running_min": "low"}):
+        with pytest.raises(LostLMError, match="checkpoint ck/step_9: its loss_spikes record is damaged"):
+            SpikeDetector(1).load_state_dict(damaged, source="ck/step_9")
+
+
+def test_the_spike_warning_names_the_kind_and_what_to_set():
+    event = {"step": 12, "loss": 7.66, "running_min": 6.95, "grad_norm_ratio": 3.1, "unstable": True}
+    assert "lower train.lr" in spike_warning(event, 0.5) and "3.1x" in spike_warning(event, 0.5)
+    calm = {**event, "grad_norm_ratio": 0.8, "unstable": False}
+    assert "hard batch" in spike_warning(calm, 0.5) and "train.lr" not in spike_warning(calm, 0.5)
+
+
 def test_trainer_logs_diagnostics_and_spikes(tiny_run, tmp_path):
     summary = Trainer(load_config(None, tiny_run("diag", train__steps=4, train__log_every=2))).train()
     records = [json.loads(line) for line in (tmp_path / "diag" / "metrics.jsonl").read_text().splitlines()]
@@ -116,6 +157,7 @@ def test_trainer_logs_diagnostics_and_spikes(tiny_run, tmp_path):
         assert math.isclose(math.sqrt(sum(v * v for v in r["grad_norms"].values())), r["grad_norm"], rel_tol=1e-4)
         assert r["update_ratios"]["attn.q.down"] > 0 and math.isfinite(r["max_logit"])
     assert summary["loss_spikes"] == sum(1 for r in records if r.get("event") == "loss_spike")
+    assert summary["unstable_spikes"] == sum(1 for r in records if r.get("event") == "loss_spike" and r["unstable"])
     off = load_config(None, tiny_run("off", train__steps=2, train__diagnostics=False))
     Trainer(off).train()
     assert not any("grad_norms" in line for line in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines())

@@ -41,7 +41,7 @@ from .validation import check_threads
 from .build import build_model
 from .configs import Config
 from .data import build_data, checkpoint_position, position_of_rank
-from .diagnostics import Diagnostics
+from .diagnostics import Diagnostics, spike_warning
 from .errors import LostLMError
 from .evaluate import evaluate_loss, unigram_perplexity
 from .loggers import Loggers
@@ -188,11 +188,11 @@ class Trainer:
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise LostLMError(f"checkpoint {path}: its data position does not fit this data ({exc.__class__.__name__}); "
                               "it is damaged or from another corpus") from None
+        self.diag.spikes.load_state_dict(state.get("loss_spikes"), source=path)
         self.step = state["step"]
         self.tokens_seen = state["tokens"]
         self.train_seconds = state.get("train_seconds", 0.0)
         self.bad_steps = state.get("bad_steps", 0)
-        self.diag.spikes.load_state_dict(state.get("loss_spikes"))
         self._saved_step = self.step
 
     def _load_optimizer_state(self, optimizer_state: dict, path: Path) -> None:
@@ -407,7 +407,7 @@ class Trainer:
         t = self.cfg.train
         tokens_per_step = t.batch_size * self.cfg.data.seq_len
         final = self.step == t.steps
-        watched, spike = self.diag.finish_step(self.step, stats["loss"])
+        watched, spike = self.diag.finish_step(self.step, stats["loss"], stats["grad_norm"])
         if self.step % t.log_every == 0 or final:
             self._log({"step": self.step, "tokens": self.tokens_seen, **stats,
                        "tok_per_s": tokens_per_step / elapsed, "time": self.train_seconds, **watched})
@@ -430,10 +430,7 @@ class Trainer:
         """Log a loss-spike event; warn when an episode starts (docs/results.md, 60m spike)."""
         self._log({**event, "tokens": self.tokens_seen, "time": self.train_seconds})
         if event["first"] and self.env.is_main:
-            print(f"warning: loss spike at step {event['step']}: loss {event['loss']:.3f} is more than "
-                  f"{self.diag.spikes.threshold} nats above the running minimum {event['running_min']:.3f}; if it "
-                  "recurs, lower train.lr or lengthen train.warmup_steps (see metrics.jsonl grad_norms/update_ratios)",
-                  file=sys.stderr)
+            print(spike_warning(event, self.diag.spikes.threshold), file=sys.stderr)
 
     def _summarise(self, evaluation: dict, session: Session) -> dict:
         unigram = None
@@ -443,6 +440,7 @@ class Trainer:
                                 {"step": self.step, "tokens": self.tokens_seen}, evaluation, self.micro_batch,
                                 session, unigram)
         summary["loss_spikes"] = self.diag.spikes.count
+        summary["unstable_spikes"] = self.diag.spikes.unstable
         if self.env.is_main:
             write_summary(self.run_dir, summary)
             self.loggers.summary(summary)
