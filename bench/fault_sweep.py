@@ -282,7 +282,10 @@ CRAFTED = {  # state.json "optimizer" entries that must never import or build an
 }
 STATE_EDITS = {"missing-step": lambda s: s.pop("step"), "missing-optimizer": lambda s: s.pop("optimizer"),
                "missing-data": lambda s: s.pop("data"), "step-string": lambda s: s.update(step="12"),
-               "data-wrong-type": lambda s: s.update(data=[1, 2])}
+               "data-wrong-type": lambda s: s.update(data=[1, 2]),
+               "spikes-damaged": lambda s: s.update(loss_spikes={"recent_grad_norms": ["x"]})}
+RESUME_EDITS = {"missing-data": "'data'", "data-wrong-type": "'data'", "spikes-damaged": "loss_spikes"}
+"""Edits that only a resume reads (evaluation does not): the one-line error must name this."""
 
 
 def group_state(rec: Recorder, corpus: Path, ref: Path) -> None:
@@ -308,10 +311,10 @@ def group_state(rec: Recorder, corpus: Path, ref: Path) -> None:
         else:
             text = "{not json" if key == "not-json" else "[1, 2]"
         (ckpt / "state.json").write_text(text)
-        if key in ("missing-data", "data-wrong-type"):  # eval does not need the data position: a resume does
+        if key in RESUME_EDITS:
             proc = run_child(tiny_args(out, corpus))
-            rec.add(trial, "state", clean_error(proc) and "'data'" in proc.stderr and marker.is_file(), rc=proc.returncode,
-                    err=proc.stderr.strip()[-300:])
+            rec.add(trial, "state", clean_error(proc) and RESUME_EDITS[key] in proc.stderr and marker.is_file(),
+                    rc=proc.returncode, err=proc.stderr.strip()[-300:])
             shutil.rmtree(out, ignore_errors=True)
             continue
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", "eval", str(out)], cwd=out,

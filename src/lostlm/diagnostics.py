@@ -214,7 +214,7 @@ class SpikeDetector:
             norms = [float(v) for v in state.get("recent_grad_norms") or []]
         except (TypeError, ValueError, AttributeError) as exc:
             raise LostLMError(f"checkpoint {source}: its loss_spikes record is damaged ({exc}); "
-                              "resume from another checkpoint") from None
+                              "move it away to fall back to the previous one") from None
         self.running_min, self.count, self.unstable = running_min, count, unstable
         self.in_spike = bool(state.get("in_spike", False))
         self.recent_grad_norms = [v for v in norms if math.isfinite(v)][-GRAD_WINDOW:]
