@@ -28,12 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import torch
 
 from lostlm.configs import load_config
 from lostlm.diagnostics import spike_episodes
+from lostlm.errors import LostLMError
 from lostlm.train import Trainer
 
 RECIPE = ["model.preset=60m", "data.bpe_vocab_size=32000", "data.val_tokens=8192", "train.batch_size=16",
@@ -305,7 +307,12 @@ def main() -> None:
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     torch.set_num_threads(2)
-    {"run": run, "report": report, "probe": probe, "revert": revert, "pair": pair}[args.command](args)
+    try:
+        {"run": run, "report": report, "probe": probe, "revert": revert, "pair": pair}[args.command](args)
+    except LostLMError as exc:  # e.g. a signal stopped the run: it saved, and the same command resumes
+        sys.exit(f"error: {exc}")
+    except BrokenPipeError:  # the table piped into `head`
+        sys.exit(0)
 
 
 if __name__ == "__main__":
