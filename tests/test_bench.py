@@ -2,13 +2,16 @@
 well-formed table, JSON and PNGs; --report rebuilds them; bad recipes give one-line errors."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
 import yaml
 
 from lostlm.bench import load_recipe
+from lostlm.bench.recipe import run_dir
 from lostlm.cli import main
+from lostlm.runlock import RunLock
 
 
 def write_recipe(tmp_path, tiny_run, methods, **extra):
@@ -58,6 +61,19 @@ def test_bench_runs_writes_table_json_plots_and_resumes(tmp_path, tiny_run, caps
     (results / "results.md").unlink()
     assert main(["bench", "--report", str(results)]) == 0
     assert (results / "results.md").read_text() == table
+
+
+def test_a_run_another_bench_is_training_is_skipped_and_its_folder_left_alone(tmp_path, tiny_run, capsys):
+    path = write_recipe(tmp_path, tiny_run, ["full"])
+    recipe = load_recipe(path)
+    folder = run_dir(recipe, recipe.variants[0], 0)
+    with RunLock(folder):  # as a trainer of another bench process holds it
+        assert main(["bench", str(path)]) == 0  # not a failure: someone is training it
+        out = capsys.readouterr().out
+        assert f"runs/full lr 0.003 seed 0: skipped, train.out_dir={folder} is in use by another trainer (pid {os.getpid()})" in out
+        assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # no config, no log written into it
+    assert main(["bench", str(path)]) == 0  # released: the next bench trains it
+    assert (folder / "summary.json").is_file()
 
 
 @pytest.mark.parametrize("methods, extra, fragment", [

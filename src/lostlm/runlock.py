@@ -20,6 +20,10 @@ from .errors import LostLMError
 LOCK_FILE = ".lock"
 
 
+class RunInUse(LostLMError):
+    """The run folder is locked by another live trainer."""
+
+
 def prepare_run_dir(path: Path) -> Path:
     """Create the run folder (one-line errors for a file in the way or no permission)."""
     path = Path(path)
@@ -55,7 +59,7 @@ class RunLock:
             holder = _read_pid(fd)
             os.close(fd)
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise LostLMError(f"train.out_dir={self.path.parent} is in use by another trainer (pid {holder}); "
+                raise RunInUse(f"train.out_dir={self.path.parent} is in use by another trainer (pid {holder}); "
                                   "wait for it to finish or stop it, or use another train.out_dir") from None
             raise LostLMError(f"cannot lock {self.path} ({exc.strerror or exc})") from None
         os.ftruncate(fd, 0)

@@ -24,6 +24,7 @@ from ..configs import Config, read_config_file, save_config
 from ..errors import LostLMError
 from ..peak import cached_peak, measure_peak
 from ..rundir import CONFIG_FILE
+from ..runlock import RunInUse, RunLock
 from .recipe import Recipe, Variant, pick_variants, run_config, run_dir
 from .report import write_report
 from .sweep import DIVERGED, chosen_lr, pending_stage_one, run_loss, stage_one, sweep_record
@@ -112,6 +113,11 @@ def _train(recipe: Recipe, variant: Variant, seed: int, lr: float | None, stage:
     with _locked(lock):
         if run_loss(folder) is not None:  # another bench finished it while we queued
             log(f"  {label}: done meanwhile, skipped")
+            return
+        try:  # another bench process is training this run: leave its folder (config, log) alone
+            RunLock(folder).acquire().release()
+        except RunInUse as exc:
+            log(f"  {label}: skipped, {exc}")
             return
         log(f"  {label}: running in {folder} ...")
         ok, message = _run_one(cfg, folder, recipe.isolate)
