@@ -118,11 +118,10 @@ def pair(args) -> None:
 
 def report(args) -> None:
     for folder in args.folders:
-        records = [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines() if line.strip()]
         config = load_config(Path(folder) / "config.yaml")
         t = config.train
         warmup = t.warmup_steps if t.warmup_steps is not None else max(1, t.steps // 10)
-        steps = [r for r in records if "loss" in r and "event" not in r]
+        steps = list(_train_losses(folder).values())
         spikes = spike_episodes([(r["step"], r["loss"], r.get("grad_norm")) for r in steps], warmup)
         kinds = ", ".join(f"{e['step']} ({'unstable' if e['unstable'] else 'hard batch'}, gradient norm "
                           f"{e['grad_norm_ratio']:.1f}x median)" if e["grad_norm_ratio"] is not None else str(e["step"])

@@ -178,9 +178,10 @@ class SpikeDetector:
         if not math.isfinite(loss):
             return None
         event = None
+        norm_known = grad_norm is not None and math.isfinite(grad_norm)
         if step > self.warmup and loss > self.running_min + self.threshold:
             ratio = None
-            if grad_norm is not None and math.isfinite(grad_norm) and self.recent_grad_norms:
+            if norm_known and self.recent_grad_norms:
                 ratio = grad_norm / max(statistics.median(self.recent_grad_norms), 1e-12)
             unstable = ratio is None or ratio >= GRAD_JUMP
             self.count += 1
@@ -192,7 +193,7 @@ class SpikeDetector:
         else:
             self.in_spike = False
         self.running_min = min(self.running_min, loss)
-        if grad_norm is not None and math.isfinite(grad_norm):
+        if norm_known:
             self.recent_grad_norms = (self.recent_grad_norms + [float(grad_norm)])[-GRAD_WINDOW:]
         return event
 
@@ -210,7 +211,8 @@ class SpikeDetector:
         try:
             value = state.get("running_min")
             running_min = math.inf if value is None else float(value)
-            count, unstable = int(state.get("count", 0)), int(state.get("unstable", state.get("count", 0)))
+            count = int(state.get("count", 0))
+            unstable = int(state.get("unstable", count))
             norms = [float(v) for v in state.get("recent_grad_norms") or []]
         except (TypeError, ValueError, AttributeError) as exc:
             raise LostLMError(f"checkpoint {source}: its loss_spikes record is damaged ({exc}); "
