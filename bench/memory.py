@@ -498,7 +498,8 @@ def main() -> int:
         print(f"[memory] {name} ...", flush=True)
         start = time.time()
         out = _child([sys.executable, str(Path(__file__).resolve()), "--one", name], run["cap_gib"], run["env"])
-        out.update(run, wall_s=round(time.time() - start, 1), finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        out.update(run, wall_s=round(time.time() - start, 1), finished=time.strftime("%Y-%m-%d %H:%M:%S"),
+                   machine=machine())  # per run: the sessions that fill this file do not all get the same CPU
         if "error" in out:  # killed (the cap): what it left, and whether a new trainer can take the folder
             from lostlm.runlock import RunLock
 

@@ -136,11 +136,13 @@ def test_estimate_command_prints_the_levers(capsys):
     assert "adamw8bit moments" in out and "chunked loss" in out and "| 60m | lost |" in out
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamw8bit"])
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit-whole", "adamw8bit"])
 def test_optimizer_update_temporaries_match_the_measured_rss_peak(name):
     """optimizer_step_bytes against the resident-memory peak of a real second step (Linux
-    VmHWM, reset just before it): one 48 MB parameter, above glibc's largest mmap threshold
-    (32 MiB), so every temporary is a fresh mapping that counts in RSS and leaves on free."""
+    VmHWM, reset just before it): one 96 MB parameter, and temporaries above glibc's largest
+    mmap threshold (32 MiB), so each is a fresh mapping that counts in RSS and leaves on free.
+    ``adamw8bit-whole`` is bitsandbytes' own AdamW8bit (the whole tensor at once); ``adamw8bit``
+    is lostlm's, here with 9M-number (36 MiB) slices."""
     from pathlib import Path
 
     from lostlm.estimate import optimizer_step_bytes
@@ -152,11 +154,14 @@ def test_optimizer_update_temporaries_match_the_measured_rss_peak(name):
         line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key + ":"))
         return int(line.split()[1]) * 1024
 
-    numbers = 12 * 2**20
+    numbers, slice_numel = 24 * 2**20, 9 * 2**20
     param = nn.Parameter(torch.zeros(numbers))
-    if name == "adamw8bit":
+    if name.startswith("adamw8bit"):
         bnb = pytest.importorskip("bitsandbytes")
-        optimizer = bnb.optim.AdamW8bit([param], lr=1e-3)
+        from lostlm.adamw8bit import SlicedAdamW8bit
+
+        optimizer = bnb.optim.AdamW8bit([param], lr=1e-3) if name == "adamw8bit-whole" else \
+            SlicedAdamW8bit([param], lr=1e-3, slice_numel=slice_numel)
     else:
         optimizer = torch.optim.AdamW([param], lr=1e-3)
     param.grad = torch.randn(numbers)
@@ -165,4 +170,6 @@ def test_optimizer_update_temporaries_match_the_measured_rss_peak(name):
     before = status("VmRSS")
     optimizer.step()
     measured = status("VmHWM") - before
-    assert measured == pytest.approx(optimizer_step_bytes(name, numbers), rel=0.1)
+    want = optimizer_step_bytes("adamw8bit" if name.startswith("adamw8bit") else name, numbers,
+                                numbers if name == "adamw8bit-whole" else slice_numel)
+    assert measured == pytest.approx(want, rel=0.1)

@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "lostlm"
 # Subpackages (data/, interop/, bench/) are one node each: their files may import each other.
 LAYERS = [
     {"errors"},
-    {"runtime", "weights", "registry", "validation", "runlock", "statecodec", "data_config", "presets", "losses"},
+    {"runtime", "weights", "registry", "validation", "runlock", "statecodec", "data_config", "presets", "losses", "adamw8bit"},
     {"configs"},
     {"layers"},
     {"methods"},

@@ -129,6 +129,10 @@ class TrainConfig:
     accumulation). Gradient accumulation = batch_size / (micro_batch_size * world)."""
     lr: float = 3e-3
     """Peak learning rate."""
+    untargeted_lr_scale: float = 1.0
+    """Learning-rate multiplier of the parameters outside the targeted linear layers
+    (``layer.targets``): token embedding, LM head and norm gains (GaLore's own split, where
+    projected layers move at galore_scale x lr, comes on top)."""
     min_lr_ratio: float = 0.1
     """Cosine decay ends at min_lr_ratio * lr."""
     warmup_steps: int | None = None

@@ -51,6 +51,7 @@ from . import methods
 from .configs import METHODS, PRESET_VOCAB, PRESETS, Config, LayerConfig, ModelConfig
 from .convert import matches
 from .errors import LostLMError
+from .optim import UPDATE_SLICE_NUMEL
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 PAPER_PRESETS = ("60m", "130m", "350m", "1b", "7b")
@@ -226,10 +227,12 @@ def transient_bytes(model: ModelConfig, method: str, rank: int, layer: LayerConf
 UPDATE_TEMPORARIES = {"adamw": 2, "adamw8bit": 5, "galore": 2}
 
 
-def optimizer_step_bytes(optimizer: str, largest_parameter: int) -> int:
+def optimizer_step_bytes(optimizer: str, largest_parameter: int, slice_numel: int = UPDATE_SLICE_NUMEL) -> int:
     """Peak temporaries of one optimizer step: the optimizers above update one parameter at a
-    time, so the largest parameter (the embedding or the LM head) sets them, in fp32."""
-    return UPDATE_TEMPORARIES[optimizer] * 4 * largest_parameter
+    time, so the largest parameter (the embedding or the LM head) sets them, in fp32; lostlm's
+    8-bit update runs over slices of at most ``slice_numel`` numbers (lostlm.adamw8bit)."""
+    numbers = min(largest_parameter, slice_numel) if optimizer == "adamw8bit" else largest_parameter
+    return UPDATE_TEMPORARIES[optimizer] * 4 * numbers
 
 
 def optimizer_8bit_bytes(numbers: int) -> int:

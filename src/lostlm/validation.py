@@ -115,6 +115,8 @@ def validate(cfg: Any, presets: dict) -> None:
     _require(t.micro_batch_size is None or (t.micro_batch_size > 0 and t.batch_size % t.micro_batch_size == 0),
              f"config train.micro_batch_size={t.micro_batch_size} must divide train.batch_size={t.batch_size}")
     _require(t.lr > 0, f"config train.lr={t.lr} must be positive")
+    _require(t.untargeted_lr_scale > 0, f"config train.untargeted_lr_scale={t.untargeted_lr_scale} must be positive "
+             "(1: the same lr as the targeted layers)")
     _require(0.0 <= t.min_lr_ratio <= 1.0, f"config train.min_lr_ratio={t.min_lr_ratio} must be in [0, 1]")
     _require(t.warmup_steps is None or 0 <= t.warmup_steps <= t.steps,
              f"config train.warmup_steps={t.warmup_steps} must be between 0 and train.steps={t.steps}")
