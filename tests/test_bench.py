@@ -76,12 +76,30 @@ def test_a_run_another_bench_is_training_is_skipped_and_its_folder_left_alone(tm
     assert (folder / "summary.json").is_file()
 
 
+def test_runs_from_reuses_a_finished_run_of_the_same_key_elsewhere(tmp_path, tiny_run, capsys):
+    first = write_recipe(tmp_path, tiny_run, ["full"])
+    assert main(["bench", str(first)]) == 0
+    shared = run_dir(load_recipe(first), load_recipe(first).variants[0], 0)
+    (tmp_path / "b").mkdir()
+    second = write_recipe(tmp_path / "b", tiny_run, ["full", "lost"], runs_from=[str(tmp_path / "results")])
+    capsys.readouterr()
+    assert main(["bench", str(second)]) == 0
+    out = capsys.readouterr().out
+    assert "runs/full lr 0.003 seed 0: done, skipped" in out  # trained once, in the first results folder
+    own = tmp_path / "b" / "results"
+    assert not (own / "runs" / "full").exists() and (next(own.glob("runs/lost/*/seed0")) / "summary.json").is_file()
+    data = json.loads((own / "results.json").read_text())
+    full = data["variants"][0]["runs"][0]
+    assert full["summary"]["val_loss"] == json.loads((shared / "summary.json").read_text())["val_loss"]
+
+
 @pytest.mark.parametrize("methods, extra, fragment", [
     (["nope"], {}, "method 'nope'"),
     (["full", "full"], {}, "must be unique"),
     ([{"name": "x", "method": "lost", "overrides": {"layer.gamma": 3}}], {}, "variant x: config layer.gamma=3.0"),
     (["full"], {"seedz": [1]}, "unknown key(s) ['seedz']"),
     (["full", "lost"], {"subject": "cola"}, "subject 'cola' is not one of the variants (full, lost)"),
+    (["full"], {"runs_from": 3}, "runs_from must be a results folder or a list of them"),
 ])
 def test_bad_recipes_are_one_line_errors(tmp_path, tiny_run, capsys, methods, extra, fragment):
     path = write_recipe(tmp_path, tiny_run, methods, **extra)

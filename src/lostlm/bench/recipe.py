@@ -26,6 +26,8 @@ A recipe (YAML)::
     lr_from:                         # optional, instead of sweep: take each variant's lr from another sweep
       results: bench/results/tuned-tiny
       variant: lost                  # optional: every variant takes this variant's chosen lr
+    runs_from: [bench/results/tuned-tiny]   # optional: a finished run of the same variant name and key
+                                     # there is used as it is, not trained again (same key = same maths)
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from .runkey import key_folder
 
 RESULTS_ROOT = Path("bench/results")
 RECIPE_KEYS = ("name", "description", "base", "seeds", "methods", "results", "isolate", "reference", "subject",
-               "promote_seeds", "sweep", "lr_from")
+               "promote_seeds", "sweep", "lr_from", "runs_from")
 VARIANT_KEYS = ("name", "method", "overrides", "seeds")
 SWEEP_KEYS = ("grid", "grids", "seed", "overrides", "factor", "max_extensions")
 
@@ -88,6 +90,9 @@ class Recipe:
     promote_seeds: list[int] = field(default_factory=list)
     sweep: Sweep | None = None
     lr_from: dict | None = None
+    runs_from: list[Path] = field(default_factory=list)
+    """Other results folders whose finished runs of the same variant name and key count as this
+    recipe's (a run's key covers its maths, so the run would come out the same)."""
 
     def seeds_of(self, variant: Variant) -> list[int]:
         return variant.seeds if variant.seeds is not None else self.seeds
@@ -196,6 +201,14 @@ def _lr_from(data: dict, path: Path) -> dict | None:
     return {"results": str(raw["results"]), "variant": raw.get("variant")}
 
 
+def _runs_from(data: dict, path: Path) -> list[Path]:
+    raw = data.get("runs_from") or []
+    raw = [raw] if isinstance(raw, str) else raw
+    if not isinstance(raw, list) or not all(isinstance(r, str) for r in raw):
+        raise LostLMError(f"bench recipe {path}: runs_from must be a results folder or a list of them")
+    return [Path(r) for r in raw]
+
+
 def _variants(data: dict, path: Path) -> list[Variant]:
     variants = []
     for item in data.get("methods") or []:
@@ -239,7 +252,8 @@ def load_recipe(path: str | Path, results: str | Path | None = None) -> Recipe:
                     seeds=seeds, variants=variants,
                     results=Path(results or data.get("results") or RESULTS_ROOT / name),
                     isolate=bool(data.get("isolate", True)), source=path, description=str(data.get("description", "")),
-                    promote_seeds=_seeds(data, path, "promote_seeds", ()), sweep=_sweep(data, path), lr_from=_lr_from(data, path))
+                    promote_seeds=_seeds(data, path, "promote_seeds", ()), sweep=_sweep(data, path), lr_from=_lr_from(data, path),
+                    runs_from=_runs_from(data, path))
     names = [v.name for v in variants]
     reference = data.get("reference", "full" if "full" in names else variants[0].name)
     for key, value in (("reference", reference), ("subject", data.get("subject", reference))):
@@ -275,5 +289,10 @@ def run_config(recipe: Recipe, variant: Variant, seed: int, peak_flops: float | 
         cfg = load_config(recipe.base_config, overrides)
     except LostLMError as exc:
         raise LostLMError(f"bench variant {variant.name}: {exc}") from None
-    cfg.train.out_dir = str(recipe.results / stage / variant.name / key_folder(cfg) / f"seed{seed}")
+    own = Path(stage) / variant.name / key_folder(cfg) / f"seed{seed}"
+    cfg.train.out_dir = str(recipe.results / own)
+    if not (recipe.results / own / "summary.json").is_file():
+        shared = [r / own for r in recipe.runs_from if (r / own / "summary.json").is_file()]
+        if shared:
+            cfg.train.out_dir = str(shared[0])
     return cfg
