@@ -84,6 +84,8 @@ def plan() -> list[dict]:
         add("1b", method, "all")
     for method in ("lost", "full"):  # what the 1b ratio is once glibc returns freed buffers
         add("1b", method, "all", malloc=True)
+    for method in ("lost", "full"):  # the same at 350m (added after the sliced 8-bit update)
+        add("350m", method, "all", malloc=True)
     for method in ("lost", "full"):
         add("1b", method, "plain", cap=17)
     add("60m", "full", "plain", cap=1.0, suffix="-cap1g")  # killed on purpose: is its run folder usable?
