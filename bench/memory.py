@@ -45,6 +45,9 @@ LEVERS = {
     "chunked": {**PLAIN, "train.loss_impl": "chunked"},
     "chunked+ckpt": {**PLAIN, "train.loss_impl": "chunked", "train.activation_checkpointing": 1},
     "all": ALL,
+    # all levers + glibc returning freed buffers, set by the trainer (train.release_freed_memory):
+    # what the -mmap1m runs get from the environment
+    "all+release": {**ALL, "train.release_freed_memory": True},
 }
 SHAPES = {"60m": dict(batch=16, micro=16, steps=2), "350m": dict(batch=1, micro=1, steps=2),
           "1b": dict(batch=1, micro=1, steps=2)}
@@ -84,8 +87,9 @@ def plan() -> list[dict]:
         add("1b", method, "all")
     for method in ("lost", "full"):  # what the 1b ratio is once glibc returns freed buffers
         add("1b", method, "all", malloc=True)
-    for method in ("lost", "full"):  # the same at 350m (added after the sliced 8-bit update)
-        add("350m", method, "all", malloc=True)
+    for method in ("lost", "full"):  # the trainer's own allocator setting (added with it, 2026-12-03)
+        add("350m", method, "all+release")
+        add("1b", method, "all+release")
     for method in ("lost", "full"):
         add("1b", method, "plain", cap=17)
     add("60m", "full", "plain", cap=1.0, suffix="-cap1g")  # killed on purpose: is its run folder usable?

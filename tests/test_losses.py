@@ -147,3 +147,47 @@ def test_adamw8bit_errors(tiny_run, monkeypatch):
     monkeypatch.delitem(sys.modules, "lostlm.adamw8bit", raising=False)  # imported by an earlier test
     with pytest.raises(LostLMError, match=r"lostlm\[8bit\]"):
         Trainer(load_config(None, tiny_run("m", train__optimizer="adamw8bit")))
+
+
+MMAP_PROBE = """
+import ctypes, sys, torch
+from lostlm.runtime import release_freed_memory
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "on":
+    release_freed_memory()
+big = torch.empty(4 * 2**20)  # 16 MiB, freed: glibc's default threshold grows to its size
+del big
+before = libc.mallinfo2().hblkhd
+eight = torch.empty(2 * 2**20)  # 8 MiB
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+def test_release_freed_memory_gives_every_big_buffer_its_own_mapping():
+    """glibc's mallinfo2 (bytes in mmapped blocks): after a 16 MiB buffer is freed, the default
+    allocator serves an 8 MiB one from the heap (where it stays resident once freed); with
+    train.release_freed_memory it is a mapping of its own, returned to the OS on free."""
+    import ctypes
+    import subprocess
+
+    if not hasattr(ctypes.CDLL(None), "mallinfo2"):
+        pytest.skip("needs glibc >= 2.33 (mallinfo2)")
+    mapped = {mode: int(subprocess.run([sys.executable, "-c", MMAP_PROBE, mode], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("off", "on")}
+    assert mapped["off"] == 0
+    assert mapped["on"] >= 8 * 2**20
+
+
+def test_release_freed_memory_is_bookkeeping(tiny_run):
+    """An allocator setting: it keys no new bench folder and a run may resume with it toggled."""
+    from lostlm.bench.runkey import run_key
+    from lostlm.rundir import significant_differences
+
+    off = load_config(None, tiny_run("a"))
+    on = load_config(None, tiny_run("a", train__release_freed_memory=True))
+    assert on.train.release_freed_memory and run_key(on)["hash"] == run_key(off)["hash"]
+    assert significant_differences(off.to_dict(), on.to_dict()) == []

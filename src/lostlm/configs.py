@@ -195,6 +195,10 @@ class TrainConfig:
     """Recompute every k-th decoder block in backward (1: every block; 0: off)."""
     optimizer: str = "adamw"
     """adamw (fp32 moments) or adamw8bit (bitsandbytes' 8-bit blockwise moments; extra [8bit])."""
+    release_freed_memory: bool = False
+    """glibc (Linux) only: give every freed buffer of 1 MiB or more back to the OS at once, so the
+    process's resident memory follows its live tensors instead of keeping freed heap blocks for
+    reuse (a memory lever; costs fresh pages per big allocation). Does not change the numbers."""
 
 
 @dataclass

@@ -37,7 +37,7 @@ METRICS_FILE = "metrics.jsonl"
 # it may change when the learning rate of every step already taken stays the same.
 OPERATIONAL_KEYS = {"train": {"eval_every", "log_every", "checkpoint_every", "keep_checkpoints", "out_dir",
                               "resume", "progress", "peak_flops", "loggers",
-                              "diagnostics"},
+                              "diagnostics", "release_freed_memory"},
                     "data": {"cache_dir", "prefetch"}}
 
 

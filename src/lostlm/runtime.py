@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import shutil
 import tempfile
@@ -19,6 +21,34 @@ import torch
 import torch.distributed as dist
 
 from .errors import LostLMError
+
+# -- host memory ----------------------------------------------------------------------------
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+RELEASE_THRESHOLD = 1 << 20  # bytes: every buffer this large or larger gets its own mapping
+
+
+def release_freed_memory() -> None:
+    """Make glibc give every freed buffer of 1 MiB or more back to the OS at once.
+
+    By default glibc raises its mmap threshold to the largest block freed so far (up to 32 MiB)
+    and serves smaller requests from the heap, whose freed blocks stay resident for reuse: a
+    training process then holds up to ~1 GB more than its live tensors (docs/results.md (f)).
+    A fixed threshold (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``, as ``MALLOC_MMAP_THRESHOLD_=1048576``
+    does from the environment) maps every such buffer on its own and unmaps it when freed; the
+    cost is fresh, zero-filled pages for each big allocation."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+        gnu = libc.gnu_get_libc_version if libc is not None else None
+    except (OSError, AttributeError):
+        mallopt = gnu = None
+    if mallopt is None or gnu is None:
+        raise LostLMError("train.release_freed_memory needs glibc (Linux); set it false on this system")
+    if mallopt(M_MMAP_THRESHOLD, RELEASE_THRESHOLD) != 1:
+        raise LostLMError("train.release_freed_memory: glibc refused mallopt(M_MMAP_THRESHOLD); set it false")
+
 
 # -- distributed environment ------------------------------------------------------------------
 

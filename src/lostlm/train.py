@@ -50,7 +50,8 @@ from .model import set_activation_checkpointing
 from .optim import build_optimizer, lr_at
 from .parallel import wrap_for_training
 from .reweight import sample_weights, weight_stats
-from .runtime import autocast_context, autocast_dtype, device_kind, init_distributed, precision_name, resolve_device
+from .runtime import (autocast_context, autocast_dtype, device_kind, init_distributed, precision_name, release_freed_memory,
+                      resolve_device)
 from .summary import Session, build_summary, format_summary, write_summary
 
 __all__ = ["Trainer", "format_summary"]
@@ -98,6 +99,8 @@ class Trainer:
         check_threads(t.threads)
         if t.threads:
             torch.set_num_threads(t.threads)
+        if t.release_freed_memory:
+            release_freed_memory()
         self.env = init_distributed(device_kind(t.device))
         self.device = resolve_device(t.device, self.env.local_rank)
         self._set_batch_sizes()

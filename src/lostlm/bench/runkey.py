@@ -5,7 +5,8 @@ A bench run lives in ``<results>/runs/<variant>/lr<lr>-<hash>/seed<k>/`` (stage 
 
 * the resolved config (every section), minus the keys that only do bookkeeping
   (:data:`BOOKKEEPING`: folders, seed — the seed is the folder's own name —, threads, progress bar,
-  logging and checkpoint intervals, the diagnostics switch, resume policy, the MFU denominator, the data cache folder);
+  logging and checkpoint intervals, the diagnostics switch, resume policy, the MFU denominator, the data cache folder,
+  the allocator setting ``release_freed_memory``);
   the ``layer`` section counts only through the keys the method reads: ``method``,
   ``targets``, ``rank`` and the ``galore_*`` keys for a dense method (``full``, ``galore``:
   ``method``, ``targets``, ``galore_*``), plus, for the others, every ``layer.<key>`` their
@@ -42,7 +43,7 @@ from ..configs import Config
 
 BOOKKEEPING = {
     "train": {"out_dir", "seed", "progress", "threads", "peak_flops", "log_every", "checkpoint_every", "keep_checkpoints",
-              "resume", "diagnostics"},
+              "resume", "diagnostics", "release_freed_memory"},
     "data": {"cache_dir"},
 }
 DENSE_LAYER_KEYS = ("method", "targets", "galore_rank", "galore_update_gap", "galore_scale")
