@@ -85,6 +85,29 @@ def test_conversion_patterns_and_globs():
         convert_linear_layers(LlamaLM(m), LayerConfig(targets=["qproj"]), rank=4)
 
 
+@pytest.mark.parametrize("method", ["lost", "cola"])
+def test_conversion_frees_each_dense_layer_once_replaced(method, monkeypatch):
+    """The build's peak: when layer i is built, the dense weights of layers 0..i-1 are gone (a
+    dense and a converted model never live side by side)."""
+    import gc
+    import weakref
+
+    import lostlm.convert as convert
+
+    model = LlamaLM(small_model_config())
+    dense = [weakref.ref(mod.weight) for name, mod in model.named_modules() if isinstance(mod, nn.Linear) and name != "lm_head"]
+    alive, real = [], convert.build_layer
+
+    def counting(linear, *args, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in dense))
+        return real(linear, *args, **kwargs)
+
+    monkeypatch.setattr(convert, "build_layer", counting)
+    convert_linear_layers(model, LayerConfig(method=method), rank=4)
+    assert alive == list(range(len(dense), 0, -1))
+
+
 def test_lost_model_has_fewer_parameters_as_designed():
     cfg = Config(model=ModelConfig(preset="tiny", vocab_size=1000), layer=LayerConfig(method="lost", density=0.05))
     model, report = build_model(cfg, 1000)
