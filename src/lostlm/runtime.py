@@ -37,18 +37,15 @@ def release_freed_memory() -> None:
     A fixed threshold (``mallopt(M_MMAP_THRESHOLD, 1 MiB)``, as ``MALLOC_MMAP_THRESHOLD_=1048576``
     does from the environment) maps every such buffer on its own and unmaps it when freed; the
     cost is fresh, zero-filled pages for each big allocation."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-        gnu = libc.gnu_get_libc_version if libc is not None else None
-    except (OSError, AttributeError):
-        mallopt = gnu = None
-    if mallopt is None or gnu is None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    except OSError:
+        libc = None
+    # gnu_get_libc_version is glibc's own symbol: other C libraries give mallopt other meanings
+    if libc is None or not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):
         raise LostLMError("train.release_freed_memory needs glibc (Linux); set it false on this system")
-    if mallopt(M_MMAP_THRESHOLD, RELEASE_THRESHOLD) != 1:
+    if libc.mallopt(M_MMAP_THRESHOLD, RELEASE_THRESHOLD) != 1:
         raise LostLMError("train.release_freed_memory: glibc refused mallopt(M_MMAP_THRESHOLD); set it false")
-
 
 # -- distributed environment ------------------------------------------------------------------
 
