@@ -97,3 +97,30 @@ def test_untargeted_lr_scale_of_one_keeps_the_two_groups(tiny_run):
 def test_untargeted_lr_scale_must_be_positive(tiny_run):
     with pytest.raises(LostLMError, match="train.untargeted_lr_scale=0.0 must be positive"):
         load_config(None, tiny_run("zero", train__untargeted_lr_scale=0.0))
+
+
+def test_resume_with_untargeted_lr_scale_is_bit_identical(tiny_run, tmp_path, monkeypatch):
+    """The scaled param groups (and their lr_scale) come back from the checkpoint exactly."""
+    from lostlm.rundir import read_metrics
+
+    extra = dict(layer__method="lost", train__untargeted_lr_scale=4.0, train__checkpoint_every=2)
+    Trainer(load_config(None, tiny_run("straight", **extra))).train()
+    real_step = Trainer.train_step
+
+    def step_then_interrupt(self, batch):
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    with pytest.raises(LostLMError, match="interrupted at step 3"):
+        Trainer(load_config(None, tiny_run("resumed", **extra))).train()
+    monkeypatch.setattr(Trainer, "train_step", real_step)
+    resumed = Trainer(load_config(None, tiny_run("resumed", **extra)))
+    assert resumed.step == 3 and sorted(g.get("lr_scale", 1.0) for g in resumed.optimizer.param_groups) == [1.0, 1.0, 4.0, 4.0]
+    resumed.train()
+
+    def losses(name):
+        return [(r["step"], r.get("loss"), r.get("val_loss")) for r in read_metrics(tmp_path / name) if "step" in r]
+
+    assert losses("straight") == losses("resumed")
