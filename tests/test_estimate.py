@@ -136,40 +136,58 @@ def test_estimate_command_prints_the_levers(capsys):
     assert "adamw8bit moments" in out and "chunked loss" in out and "| 60m | lost |" in out
 
 
+UPDATE_PROBE = """
+import sys
+from pathlib import Path
+import torch
+from torch import nn
+
+name, numbers, slice_numel = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+def status(key):
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+
+param = nn.Parameter(torch.zeros(numbers))
+if name == "adamw8bit-whole":
+    import bitsandbytes as bnb
+    optimizer = bnb.optim.AdamW8bit([param], lr=1e-3)
+elif name == "adamw8bit":
+    from lostlm.adamw8bit import SlicedAdamW8bit
+    optimizer = SlicedAdamW8bit([param], lr=1e-3, slice_numel=slice_numel)
+else:
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+param.grad = torch.randn(numbers)
+optimizer.step()  # creates the state
+Path("/proc/self/clear_refs").write_text("5")
+before = status("VmRSS")
+optimizer.step()
+print(status("VmHWM") - before)
+"""
+
+
 @pytest.mark.parametrize("name", ["adamw", "adamw8bit-whole", "adamw8bit"])
 def test_optimizer_update_temporaries_match_the_measured_rss_peak(name):
     """optimizer_step_bytes against the resident-memory peak of a real second step (Linux
-    VmHWM, reset just before it): one 96 MB parameter, and temporaries above glibc's largest
-    mmap threshold (32 MiB), so each is a fresh mapping that counts in RSS and leaves on free.
-    ``adamw8bit-whole`` is bitsandbytes' own AdamW8bit (the whole tensor at once); ``adamw8bit``
-    is lostlm's, here with 9M-number (36 MiB) slices."""
+    VmHWM, reset just before it), in a fresh process (a long-lived one may serve the
+    temporaries from heap memory freed earlier, already resident): one 96 MB parameter, and
+    temporaries above glibc's largest mmap threshold (32 MiB), so each is a fresh mapping that
+    counts in RSS and leaves on free. ``adamw8bit-whole`` is bitsandbytes' own AdamW8bit (the
+    whole tensor at once); ``adamw8bit`` is lostlm's, here with 9M-number (36 MiB) slices."""
+    import subprocess
+    import sys
     from pathlib import Path
 
     from lostlm.estimate import optimizer_step_bytes
 
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("needs Linux /proc/self/clear_refs to reset the peak RSS")
-
-    def status(key):
-        line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(key + ":"))
-        return int(line.split()[1]) * 1024
-
-    numbers, slice_numel = 24 * 2**20, 9 * 2**20
-    param = nn.Parameter(torch.zeros(numbers))
     if name.startswith("adamw8bit"):
-        bnb = pytest.importorskip("bitsandbytes")
-        from lostlm.adamw8bit import SlicedAdamW8bit
-
-        optimizer = bnb.optim.AdamW8bit([param], lr=1e-3) if name == "adamw8bit-whole" else \
-            SlicedAdamW8bit([param], lr=1e-3, slice_numel=slice_numel)
-    else:
-        optimizer = torch.optim.AdamW([param], lr=1e-3)
-    param.grad = torch.randn(numbers)
-    optimizer.step()  # creates the state
-    Path("/proc/self/clear_refs").write_text("5")
-    before = status("VmRSS")
-    optimizer.step()
-    measured = status("VmHWM") - before
+        pytest.importorskip("bitsandbytes")
+    numbers, slice_numel = 24 * 2**20, 9 * 2**20
+    probe = subprocess.run([sys.executable, "-c", UPDATE_PROBE, name, str(numbers), str(slice_numel)],
+                           capture_output=True, text=True, check=True)
+    measured = int(probe.stdout.split()[-1])
     want = optimizer_step_bytes("adamw8bit" if name.startswith("adamw8bit") else name, numbers,
                                 numbers if name == "adamw8bit-whole" else slice_numel)
     assert measured == pytest.approx(want, rel=0.1)

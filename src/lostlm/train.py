@@ -50,8 +50,7 @@ from .model import set_activation_checkpointing
 from .optim import build_optimizer, lr_at
 from .parallel import wrap_for_training
 from .reweight import sample_weights, weight_stats
-from .runtime import (autocast_context, autocast_dtype, device_kind, init_distributed, precision_name, release_freed_memory,
-                      resolve_device)
+from .runtime import autocast_context, autocast_dtype, device_kind, init_distributed, precision_name, release_freed_memory, resolve_device
 from .summary import Session, build_summary, format_summary, write_summary
 
 __all__ = ["Trainer", "format_summary"]
