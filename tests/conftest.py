@@ -73,3 +73,32 @@ def tiny_run(corpus_dir: Path, cache_dir: Path, tmp_path: Path):
     def make(name: str = "run", **extra) -> list[str]:
         return tiny_run_overrides(corpus_dir, cache_dir, tmp_path / name, **extra)
     return make
+
+
+@pytest.fixture
+def interrupted_run(tiny_run, monkeypatch):
+    """Factory: interrupted_run(name, step=3, **overrides) trains run ``name`` until a
+    KeyboardInterrupt arrives half-way through the step after ``step`` (that step must not count),
+    checks the trainer's one-line error and returns its text; the run then resumes from there."""
+    from lostlm.configs import load_config
+    from lostlm.errors import LostLMError
+    from lostlm.train import Trainer
+
+    def run(name: str, step: int = 3, **extra) -> str:
+        trainer = Trainer(load_config(None, tiny_run(name, **extra)))
+        real_step = Trainer.train_step
+
+        def step_then_interrupt(self, batch):
+            if self.step == step:
+                raise KeyboardInterrupt
+            return real_step(self, batch)
+
+        monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+        try:
+            with pytest.raises(LostLMError, match=f"interrupted at step {step}") as caught:
+                trainer.train()
+        finally:
+            monkeypatch.setattr(Trainer, "train_step", real_step)
+        return str(caught.value)
+
+    return run

@@ -119,20 +119,10 @@ def test_adamw8bit_trains_every_method(tiny_run, tmp_path, method):
     assert any(s["state1"].dtype == torch.uint8 for s in states)
 
 
-def test_adamw8bit_resume_is_bit_identical(tiny_run, tmp_path, monkeypatch):
+def test_adamw8bit_resume_is_bit_identical(tiny_run, tmp_path, interrupted_run):
     extra = dict(train__optimizer="adamw8bit", train__checkpoint_every=0, model__hidden_size=64)
     Trainer(load_config(None, tiny_run("straight", **extra))).train()
-    real_step = Trainer.train_step
-
-    def step_then_interrupt(self, batch):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
-    with pytest.raises(LostLMError, match="interrupted at step 3"):
-        Trainer(load_config(None, tiny_run("resumed", **extra))).train()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    interrupted_run("resumed", **extra)
     resumed = Trainer(load_config(None, tiny_run("resumed", **extra)))
     assert resumed.step == 3
     resumed.train()

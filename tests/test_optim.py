@@ -99,23 +99,13 @@ def test_untargeted_lr_scale_must_be_positive(tiny_run):
         load_config(None, tiny_run("zero", train__untargeted_lr_scale=0.0))
 
 
-def test_resume_with_untargeted_lr_scale_is_bit_identical(tiny_run, tmp_path, monkeypatch):
+def test_resume_with_untargeted_lr_scale_is_bit_identical(tiny_run, tmp_path, interrupted_run):
     """The scaled param groups (and their lr_scale) come back from the checkpoint exactly."""
     from lostlm.rundir import read_metrics
 
     extra = dict(layer__method="lost", train__untargeted_lr_scale=4.0, train__checkpoint_every=2)
     Trainer(load_config(None, tiny_run("straight", **extra))).train()
-    real_step = Trainer.train_step
-
-    def step_then_interrupt(self, batch):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return real_step(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
-    with pytest.raises(LostLMError, match="interrupted at step 3"):
-        Trainer(load_config(None, tiny_run("resumed", **extra))).train()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    interrupted_run("resumed", **extra)
     resumed = Trainer(load_config(None, tiny_run("resumed", **extra)))
     assert resumed.step == 3 and sorted(g.get("lr_scale", 1.0) for g in resumed.optimizer.param_groups) == [1.0, 1.0, 4.0, 4.0]
     resumed.train()

@@ -69,7 +69,8 @@ def test_prepared_batches_cover_every_sequence_once_per_epoch_and_split_by_rank(
         assert torch.equal(torch.cat([r0.next_batch(4, 0, 2), r1.next_batch(4, 1, 2)]), whole)
 
 
-def test_prepared_training_resumes_exactly_and_has_no_tokeniser_work(prepared, tiny_run, tmp_path, monkeypatch):
+def test_prepared_training_resumes_exactly_and_has_no_tokeniser_work(prepared, tiny_run, tmp_path, monkeypatch,
+                                                                     interrupted_run):
     import lostlm.data.tokenizer as tokenizer_module
 
     def refuse(*args, **kwargs):
@@ -79,18 +80,7 @@ def test_prepared_training_resumes_exactly_and_has_no_tokeniser_work(prepared, t
     monkeypatch.setattr(tokenizer_module, "encode_all", refuse)
     common = dict(data__source="prepared", data__prepared_dir=str(prepared), train__checkpoint_every=0)
     Trainer(load_config(None, tiny_run("straight", **common))).train()
-    interrupted = Trainer(load_config(None, tiny_run("resumed", **common)))
-    real_step = Trainer.train_step
-
-    def step_then_interrupt(self, batch):
-        if self.step == 3:
-            raise KeyboardInterrupt  # half-way through step 4, with batches read ahead by the prefetch thread
-        return real_step(self, batch)
-
-    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
-    with pytest.raises(LostLMError, match="interrupted at step 3"):
-        interrupted.train()
-    monkeypatch.setattr(Trainer, "train_step", real_step)
+    interrupted_run("resumed", **common)  # half-way through step 4, with batches read ahead by the prefetch thread
     Trainer(load_config(None, tiny_run("resumed", **common))).train()
 
     def final(name):
