@@ -7,7 +7,7 @@ is about 1.25 GB of temporaries, the largest single item of an all-levers step's
 weights (docs/results.md, section (f)). The update is elementwise and the moments are quantised
 in independent blocks of 256 numbers, so running the same kernel on consecutive block-aligned
 slices of the flattened tensors gives bit-identical parameters and moments
-(``tests/test_adamw8bit.py``) while its temporaries shrink to the slice's size.
+(``tests/test_optim.py``) while its temporaries shrink to the slice's size.
 
 Only the update call is sliced: the state (``state1``/``state2`` uint8, ``absmax1``/``absmax2``,
 ``qmap``, ``step``) is bitsandbytes' own, so checkpoints of either class load into the other.
