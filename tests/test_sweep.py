@@ -212,3 +212,65 @@ def test_run_key_follows_the_precision_auto_resolves_to(tmp_path, tiny_run, monk
     assert keys[False, "auto"] == keys[False, "fp32"] == keys[True, "fp32"]   # fp32 everywhere
     assert keys[True, "auto"] == keys[True, "bf16"] == keys[False, "bf16"]    # bf16 autocast everywhere
     assert keys[False, "auto"] != keys[True, "auto"]
+
+
+def _write_points(recipe, variant, points):
+    from lostlm.bench.recipe import run_dir
+
+    for lr, loss in points.items():
+        folder = run_dir(recipe, variant, 0, lr=lr, stage="sweep")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "summary.json").write_text(json.dumps({"val_loss": loss}))
+
+
+def test_per_method_keeps_the_variant_with_the_lowest_chosen_point(tmp_path, tiny_run):
+    """kept_variants on hand-made stage-one points: undecided while a sibling is unfinished, then
+    the lowest chosen point wins, a tie goes to the variant listed first, divergence counts as +inf."""
+    from lostlm.bench.recipe import run_dir
+    from lostlm.bench.sweep import DIVERGED, kept_variants, sweep_record
+
+    sweep = {"grid": GRID, "seed": 0, "overrides": {"train.steps": 3}, "max_extensions": 0, "per_method": True}
+    methods = ["full", {"name": "full-u4", "method": "full", "overrides": {"train.untargeted_lr_scale": 4}}, "lost"]
+    recipe = load_recipe(_recipe(tmp_path, tiny_run, sweep=sweep, methods=methods))
+    full, full_u4, lost = recipe.variants
+    _write_points(recipe, full, {1e-3: 5.0, 2e-3: 4.9, 4e-3: 5.1})
+    _write_points(recipe, full_u4, {1e-3: 4.7, 2e-3: 4.6})            # 4e-3 not finished yet
+    assert kept_variants(recipe) == {"full": None, "lost": None}
+    _write_points(recipe, full_u4, {4e-3: 4.8})
+    _write_points(recipe, lost, {1e-3: 4.5, 2e-3: 4.4, 4e-3: 4.45})
+    assert kept_variants(recipe) == {"full": "full-u4", "lost": "lost"}
+    record = sweep_record(recipe)["variants"]
+    assert (record["full"]["kept"], record["full-u4"]["kept"], record["lost"]["kept"]) == (False, True, True)
+    _write_points(recipe, full_u4, {1e-3: 4.95, 2e-3: 4.9, 4e-3: 4.95})   # 4.9 against full's 4.9: the first listed
+    assert kept_variants(recipe)["full"] == "full"
+    for lr in GRID:                                                   # every lr of full diverged: +inf
+        (run_dir(recipe, full, 0, lr=lr, stage="sweep") / DIVERGED).write_text("{}")
+    assert kept_variants(recipe)["full"] == "full-u4"
+
+
+def test_per_method_sweep_runs_stage_two_of_the_kept_variants_only(tmp_path, tiny_run, capsys):
+    sweep = {"grid": [3e-4, 1e-3, 3e-3], "seed": 0, "overrides": {"train.steps": 3, "train.eval_every": 3},
+             "max_extensions": 0, "per_method": True}
+    methods = ["full", {"name": "full-u4", "method": "full", "overrides": {"train.untargeted_lr_scale": 4}}, "lost"]
+    path = _recipe(tmp_path, tiny_run, sweep=sweep, methods=methods, subject="lost")
+    assert main(["bench", str(path)]) == 0
+    results = tmp_path / "results"
+    record = json.loads((results / "sweep.json").read_text())["variants"]
+    best = {name: min(p["val_loss"] for p in record[name]["points"]) for name in ("full", "full-u4")}
+    kept = min(("full", "full-u4"), key=lambda n: (best[n], n != "full"))
+    dropped = ({"full", "full-u4"} - {kept}).pop()
+    assert record[kept]["kept"] is True and record[dropped]["kept"] is False
+    assert sorted(p.name for p in (results / "runs").iterdir()) == sorted([kept, "lost"])
+    out = capsys.readouterr().out
+    assert f"{dropped}: not kept, {kept} has the lower stage-one loss for full" in out
+    data = json.loads((results / "results.json").read_text())
+    per = data["per_method"]
+    assert per["kept"] == {"full": kept, "lost": "lost"} and per["reference"] == kept
+    loss = {v["name"]: {r["seed"]: r["summary"]["val_loss"] for r in v["runs"]} for v in data["variants"]}
+    (pair,) = per["paired"]
+    assert pair["variant"] == "lost" and pair["diffs"] == pytest.approx([loss["lost"][s] - loss[kept][s] for s in (0, 1)])
+    (subject,) = per["subject_paired"]
+    assert subject["reference"] == kept and subject["diffs"] == pytest.approx(pair["diffs"])
+    table = (results / "results.md").read_text()
+    assert "## Each method at its kept setting" in table and f"| full | {kept} |" in table
+    assert "not kept (another variant of its method is lower)" in table

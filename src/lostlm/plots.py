@@ -71,7 +71,8 @@ def _plot_eval_curves(variants: list[dict], path: Path, key: str, xlabel: str, s
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a report written during stage one has no runs yet
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -93,7 +94,8 @@ def _plot_ppl_vs_memory(variants: list[dict], path: Path, colors: list) -> Path:
     ax.set_xlabel("memory (MiB, log): ● measured peak, □ analytic weights+grads+optimizer")
     ax.set_ylabel("validation perplexity")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # a report written during stage one has no runs yet
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

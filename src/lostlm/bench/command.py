@@ -12,7 +12,7 @@ from ..peak import measure_peak
 from .recipe import load_recipe, pick_variants, run_config, run_dir
 from .report import write_report
 from .runner import _locked, run_bench
-from .sweep import chosen_lr, run_loss, stage_one, sweep_record
+from .sweep import chosen_lr, kept_variants, run_loss, stage_one, sweep_record
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -93,7 +93,13 @@ def _dry_run(recipe) -> None:
             points = " ".join(f"{lr:.3g}:{loss:.4f}" for lr, loss in sorted(st["points"].items()))
             what = f"next lr {st['next']:.3g}" if "next" in st else f"chosen lr {st['chosen']}" + (" (AT EDGE)" if st["at_edge"] else "")
             print(f"sweep  {v.name:24s} {what}   finished: {points or 'none'}")
+    kept = kept_variants(recipe) if recipe.sweep is not None and recipe.sweep.per_method else None
     for v in recipe.variants:
+        if kept is not None and kept[v.method] != v.name:
+            why = "another variant of its method has not finished stage one" if kept[v.method] is None else \
+                f"not kept: {kept[v.method]} has the lower stage-one loss"
+            print(f"{'wait' if kept[v.method] is None else 'skip'}   {v.name:24s} {why}")
+            continue
         try:
             lr = chosen_lr(recipe, v)
         except LostLMError as exc:

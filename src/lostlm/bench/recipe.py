@@ -23,6 +23,8 @@ A recipe (YAML)::
       overrides: {train.steps: 63}   # stage one's short budget, on top of base.overrides
       factor: 2                      # best at an edge: extend the grid by this factor that way ...
       max_extensions: 3              # ... at most this many times per variant
+      per_method: true               # optional: variants of one method are settings of it; stage one
+                                     # also keeps the best variant per method, stage two runs only that
     lr_from:                         # optional, instead of sweep: take each variant's lr from another sweep
       results: bench/results/tuned-tiny
       variant: lost                  # optional: every variant takes this variant's chosen lr
@@ -47,7 +49,7 @@ RESULTS_ROOT = Path("bench/results")
 RECIPE_KEYS = ("name", "description", "base", "seeds", "methods", "results", "isolate", "reference", "subject",
                "promote_seeds", "sweep", "lr_from", "runs_from")
 VARIANT_KEYS = ("name", "method", "overrides", "seeds")
-SWEEP_KEYS = ("grid", "grids", "seed", "overrides", "factor", "max_extensions")
+SWEEP_KEYS = ("grid", "grids", "seed", "overrides", "factor", "max_extensions", "per_method")
 
 
 @dataclass
@@ -69,6 +71,10 @@ class Sweep:
     overrides: list[str]
     factor: float = 2.0
     max_extensions: int = 3
+    per_method: bool = False
+    """Variants of one method are settings of its hyperparameters (e.g. ``train.untargeted_lr_scale``):
+    after each variant's lr is chosen, stage one also keeps, per method, the variant whose chosen
+    point has the lowest stage-one loss, and stage two runs only the kept ones (:mod:`.sweep`)."""
 
     def grid_of(self, variant: Variant) -> list[float]:
         return sorted(self.grids.get(variant.name, self.grids.get(variant.method, self.grid)))
@@ -182,10 +188,13 @@ def _sweep(data: dict, path: Path) -> Sweep | None:
     seed = raw.get("seed", 0)
     if not isinstance(seed, int):
         raise LostLMError(f"bench recipe {path}: sweep.seed must be an integer")
+    per_method = raw.get("per_method", False)
+    if not isinstance(per_method, bool):
+        raise LostLMError(f"bench recipe {path}: sweep.per_method must be true or false")
     return Sweep(grid=_lrs(raw.get("grid"), f"bench recipe {path}: sweep.grid"),
                  grids={str(k): _lrs(v, f"bench recipe {path}: sweep.grids.{k}") for k, v in grids.items()},
                  seed=seed, overrides=_override_list(raw.get("overrides"), "sweep.overrides"), factor=float(factor),
-                 max_extensions=max_ext)
+                 max_extensions=max_ext, per_method=per_method)
 
 
 def _lr_from(data: dict, path: Path) -> dict | None:

@@ -251,6 +251,8 @@ def format_results(variants: list[dict], info: dict) -> str:
         lines += ["", *format_paired(info["paired"], reference)]
     if info.get("subject_paired"):
         lines += ["", *format_paired(info["subject_paired"], subject=info["subject"])]
+    if info.get("per_method"):
+        lines += ["", *_per_method_section(variants, info["per_method"])]
     if info.get("sweep"):
         lines += ["", *_sweep_section(info["sweep"])]
     stale = [(v["name"], r) for v in variants for r in v.get("stale_runs", [])]
@@ -259,6 +261,43 @@ def format_results(variants: list[dict], info: dict) -> str:
                   + ", ".join(r for _, r in stale[:12]) + (" ..." if len(stale) > 12 else "")]
     lines += _breakdown_table(variants)
     return "\n".join(lines) + "\n"
+
+
+def _per_method(recipe: Recipe, variants: list[dict]) -> dict:
+    """``sweep.per_method``: each method's kept variant and the paired statistics among those
+    (the recipe's reference and subject stand for their methods)."""
+    from .sweep import kept_variants
+
+    kept = kept_variants(recipe)
+    method_of = {v.name: v.method for v in recipe.variants}
+    entries = [v for v in variants if v["name"] in kept.values()]
+    reference = kept.get(method_of[recipe.reference])
+    subject = kept.get(method_of[recipe.subject]) if recipe.subject else None
+    return {"kept": kept, "reference": reference, "subject": subject,
+            "paired": paired_table(entries, reference) if reference else [],
+            "subject_paired": subject_table(entries, subject) if subject else []}
+
+
+def _per_method_section(variants: list[dict], per: dict) -> list[str]:
+    """The table of each method at the variant stage one kept for it, and its paired statistics."""
+    by_name = {v["name"]: v for v in variants}
+    lines = ["## Each method at its kept setting (`sweep.per_method`)", "",
+             "Stage one chose each variant's lr and, per method, kept the variant with the lowest stage-one loss at "
+             "its chosen lr; only kept variants run stage two. The paired statistics below compare kept variants only.", "",
+             "| method | kept variant | lr | seeds | val loss (mean ± std) |", "|---|---|---:|---|---:|"]
+    for method, name in per["kept"].items():
+        a = by_name.get(name, {}).get("aggregate") if name else None
+        if a is None:
+            state = "stage one not finished" if name is None else "no stage-two run finished"
+            lines.append(f"| {method} | {name or '–'} | | {state} | |")
+            continue
+        lines.append(f"| {method} | {name} | {a['lr']:.3g} | {','.join(map(str, a['seeds']))} | "
+                     f"{a['val_loss_mean']:.4f} ± {a['val_loss_std']:.4f} |")
+    if per["paired"]:
+        lines += ["", *format_paired(per["paired"], per["reference"], level="###")]
+    if per["subject_paired"]:
+        lines += ["", *format_paired(per["subject_paired"], subject=per["subject"], level="###")]
+    return lines
 
 
 def _sweep_section(sweep: dict) -> list[str]:
@@ -281,6 +320,8 @@ def _sweep_section(sweep: dict) -> list[str]:
                 "AT EDGE (max extensions reached)" if v["at_edge"] else "interior")
         if v["extensions"]:
             note += "; extended to " + ", ".join(f"{e:.3g}" for e in v["extensions"])
+        if v.get("kept") is not None:
+            note += "; kept for its method" if v["kept"] else "; not kept (another variant of its method is lower)"
         chosen = f"{v['chosen_lr']:.3g}" if v["chosen_lr"] else "–"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen} | {note} |")
     return lines
@@ -326,6 +367,8 @@ def write_report(results_dir: Path, recipe: Recipe | None = None) -> dict:
     info["paired"] = paired_table(variants, info["reference"]) if info["reference"] else []
     info["subject"] = recipe.subject if recipe else None
     info["subject_paired"] = subject_table(variants, info["subject"]) if info["subject"] else []
+    if recipe is not None and recipe.sweep is not None and recipe.sweep.per_method:
+        info["per_method"] = _per_method(recipe, variants)
     (results_dir / "results.md").write_text(format_results(variants, info))
     payload = {**info, "variants": variants}
     atomic_write_text(results_dir / "results.json", json.dumps(payload, indent=1, default=_json_default))

@@ -27,7 +27,7 @@ from ..rundir import CONFIG_FILE
 from ..runlock import RunInUse, RunLock
 from .recipe import Recipe, Variant, pick_variants, run_config, run_dir
 from .report import write_report
-from .sweep import DIVERGED, chosen_lr, pending_stage_one, run_loss, stage_one, sweep_record
+from .sweep import DIVERGED, chosen_lr, kept_variants, pending_stage_one, run_loss, stage_one, sweep_record
 
 
 @contextlib.contextmanager
@@ -161,6 +161,17 @@ def _run_sweep(recipe: Recipe, variants: list[Variant], peak: dict, lock: str | 
             log(f"  sweep/{v.name}: chosen lr {st['chosen']:g}{edge} from {len(st['points'])} points")
 
 
+def _kept_only(recipe: Recipe, ready: list[Variant], log) -> list[Variant]:
+    """``sweep.per_method``: of the variants ready for stage two, those kept for their method."""
+    kept = kept_variants(recipe)
+    for v in ready:
+        if kept[v.method] is None:
+            log(f"  {v.name}: another {v.method} variant has not finished stage one; its stage two waits")
+        elif kept[v.method] != v.name:
+            log(f"  {v.name}: not kept, {kept[v.method]} has the lower stage-one loss for {v.method}; no stage two")
+    return [v for v in ready if kept[v.method] == v.name]
+
+
 def _promoted(recipe: Recipe, variant: Variant) -> bool:
     """A one-seed variant that beat the reference at that seed (recipe.promote_seeds)."""
     if not recipe.promote_seeds or variant.name == recipe.reference or len(recipe.seeds_of(variant)) != 1:
@@ -194,6 +205,8 @@ def run_bench(recipe: Recipe, lock: str | None = None, log=print, stage: str = "
         for v in variants:
             if v not in ready:
                 log(f"  {v.name}: stage one has not chosen an lr yet; its stage two waits")
+        if recipe.sweep is not None and recipe.sweep.per_method:
+            ready = _kept_only(recipe, ready, log)
         seeds = sorted({s for v in ready for s in recipe.seeds_of(v)})
         for seed in seeds:  # seed-major: a partial bench has every variant at the first seed first
             for variant in ready:

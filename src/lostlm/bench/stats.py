@@ -83,14 +83,15 @@ def subject_table(variants: list[dict], subject: str) -> list[dict]:
             for v in variants if v["name"] != subject and v["runs"]]
 
 
-def format_paired(rows: list[dict], reference: str | None = None, subject: str | None = None) -> list[str]:
-    """The Markdown section of the paired statistics: every variant against ``reference``, or
-    ``subject`` against every other variant (then the first column names the other one)."""
+def format_paired(rows: list[dict], reference: str | None = None, subject: str | None = None,
+                  level: str = "##") -> list[str]:
+    """The Markdown section (heading ``level``) of the paired statistics: every variant against
+    ``reference``, or ``subject`` against every other variant (then the first column names the other one)."""
     if not rows:
         return []
     title = f"against `{reference}`" if subject is None else f"of `{subject}` against each other variant"
     column, key = ("variant", "variant") if subject is None else ("against", "reference")
-    lines = [f"## Paired difference of validation loss {title}", "", VERDICT_RULE, "",
+    lines = [f"{level} Paired difference of validation loss {title}", "", VERDICT_RULE, "",
              f"| {column} | seeds | per-seed d (nats) | mean d ± std | SE | t | verdict |", "|---|---|---|---:|---:|---:|---|"]
     for r in rows:
         per = ", ".join(f"{d:+.4f}" for d in r["diffs"])

@@ -11,6 +11,10 @@ finished runs, so a stopped sweep resumes, and ``sweep.json`` in the results fol
 record (grid, every point, extensions, choice).
 
 Stage two runs the chosen lr at the recipe's seeds with the full budget, like a plain bench.
+With ``sweep.per_method``, the variants of one method are settings of that method (e.g. its
+embedding/head lr multiple): stage one then also keeps, per method, the variant whose chosen
+point has the lowest stage-one loss (:func:`kept_variants`), and stage two runs only that one,
+so every hyperparameter of the comparison is chosen by the same rule on the same short runs.
 A recipe with ``lr_from`` instead reads the choice from another results folder's
 ``sweep.json``.
 """
@@ -99,18 +103,42 @@ def pending_stage_one(recipe: Recipe) -> list[tuple[Variant, float]]:
     return out
 
 
+def kept_variants(recipe: Recipe, states: dict[str, dict] | None = None) -> dict[str, str | None]:
+    """``sweep.per_method``: per method, the name of the variant its stage two runs, the one
+    whose chosen lr has the lowest stage-one loss (ties: the first listed; a variant whose every
+    lr diverged counts as +inf), or None while one of that method's variants has not chosen.
+    ``states``: :func:`stage_one` of every variant by name, if the caller has them."""
+    states = states or {v.name: stage_one(recipe, v) for v in recipe.variants}
+
+    def chosen_loss(v: Variant) -> float:
+        state = states[v.name]
+        return state["points"][state["chosen"]] if state.get("chosen") is not None else math.inf
+
+    kept: dict[str, str | None] = {}
+    for method in dict.fromkeys(v.method for v in recipe.variants):
+        mine = [v for v in recipe.variants if v.method == method]
+        undecided = any("next" in states[v.name] for v in mine)
+        kept[method] = None if undecided else min(mine, key=chosen_loss).name
+    return kept
+
+
 def sweep_record(recipe: Recipe) -> dict:
-    """``sweep.json``: per variant its grid, every finished point, extensions and the choice."""
+    """``sweep.json``: per variant its grid, every finished point, extensions and the choice
+    (with ``sweep.per_method``, also whether stage two keeps it for its method)."""
+    states = {v.name: stage_one(recipe, v) for v in recipe.variants}
+    kept = kept_variants(recipe, states) if recipe.sweep.per_method else None
     variants = {}
     for v in recipe.variants:
-        state = stage_one(recipe, v)
+        state = states[v.name]
         variants[v.name] = {"method": v.method, "grid": state["grid"],
                             "points": [{"lr": lr, "val_loss": None if not math.isfinite(loss) else loss,
                                         "diverged": not math.isfinite(loss)} for lr, loss in sorted(state["points"].items())],
                             "done": "next" not in state, "chosen_lr": state.get("chosen"),
                             "at_edge": state.get("at_edge"), "extensions": state.get("extensions", [])}
+        if kept is not None:
+            variants[v.name]["kept"] = None if kept[v.method] is None else kept[v.method] == v.name
     return {"seed": recipe.sweep.seed, "overrides": recipe.sweep.overrides, "factor": recipe.sweep.factor,
-            "max_extensions": recipe.sweep.max_extensions, "variants": variants}
+            "max_extensions": recipe.sweep.max_extensions, "per_method": recipe.sweep.per_method, "variants": variants}
 
 
 def chosen_lr(recipe: Recipe, variant: Variant) -> float | None:
