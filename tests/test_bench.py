@@ -93,6 +93,35 @@ def test_runs_from_reuses_a_finished_run_of_the_same_key_elsewhere(tmp_path, tin
     assert full["summary"]["val_loss"] == json.loads((shared / "summary.json").read_text())["val_loss"]
 
 
+def test_one_seed_variants_get_the_promoted_seeds_only_if_they_beat_the_reference(tmp_path, tiny_run, capsys):
+    """``promote_seeds``: a one-seed variant that beats the reference at its seed also runs the
+    promoted seeds; one that ties it does not. ``--dry-run --methods`` lists only the named
+    variants and says which promotions wait, ran or were refused."""
+    still = {"train.lr": 1e-7}  # the reference barely trains; "same" is the very same job under another name
+    methods = [{"name": "still", "method": "full", "overrides": still},
+               {"name": "fast", "method": "full", "seeds": [0], "overrides": {"train.lr": 1e-2}},
+               {"name": "same", "method": "full", "seeds": [0], "overrides": still}]
+    path = write_recipe(tmp_path, tiny_run, methods, seeds=[0, 1], promote_seeds=[1], reference="still", isolate=False)
+    assert main(["bench", str(path), "--dry-run", "--methods", "fast"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split()[:2] for l in lines] == [["todo", "fast"], ["wait", "fast"]]
+    assert lines[1].endswith("seeds 1 if it beats still at seed 0")
+    assert main(["bench", str(path)]) == 0
+    capsys.readouterr()
+    results = tmp_path / "results"
+    loss = {v.name: {s: json.loads((run_dir(load_recipe(path), v, s) / "summary.json").read_text())["val_loss"]
+                     for s in (0, 1) if (run_dir(load_recipe(path), v, s) / "summary.json").is_file()}
+            for v in load_recipe(path).variants}
+    assert loss["fast"][0] < loss["still"][0] and loss["same"][0] == loss["still"][0]  # the premise of the test
+    assert sorted(loss["fast"]) == [0, 1] and sorted(loss["same"]) == [0] and sorted(loss["still"]) == [0, 1]
+    fast = next(p for p in json.loads((results / "results.json").read_text())["paired"] if p["variant"] == "fast")
+    assert fast["diffs"] == pytest.approx([loss["fast"][s] - loss["still"][s] for s in (0, 1)])
+    assert main(["bench", str(path), "--dry-run", "--methods", "same,fast"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [l.split()[:2] for l in lines] == [["done", "same"], ["skip", "same"], ["done", "fast"], ["done", "fast"]]
+    assert lines[1].endswith("seeds 1: did not beat still at seed 0") and lines[3].endswith("(promoted: beat still at its seed)")
+
+
 @pytest.mark.parametrize("methods, extra, fragment", [
     (["nope"], {}, "method 'nope'"),
     (["full", "full"], {}, "must be unique"),

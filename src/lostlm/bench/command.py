@@ -11,7 +11,7 @@ from ..errors import LostLMError
 from ..peak import measure_peak
 from .recipe import load_recipe, pick_variants, run_config, run_dir
 from .report import write_report
-from .runner import _locked, run_bench
+from .runner import _locked, promotion, run_bench
 from .sweep import chosen_lr, kept_variants, run_loss, stage_one, sweep_record
 
 
@@ -60,11 +60,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.results)
     if args.threads:
         recipe.base_overrides.append(f"train.threads={args.threads}")
-    if args.dry_run:
-        _dry_run(recipe)
-        return 0
     only = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-    pick_variants(recipe, only)  # an unknown name fails here, before any run starts
+    variants = pick_variants(recipe, only)  # an unknown name fails here, before any run starts
+    if args.dry_run:
+        _dry_run(recipe, variants)
+        return 0
     run_bench(recipe, args.lock, log=lambda m: print(m, flush=True), stage=args.stage, only=only)
     if (recipe.results / "results.md").is_file():
         print((recipe.results / "results.md").read_text())
@@ -81,20 +81,22 @@ def _refresh_sweep(folder: Path) -> None:
         (folder / "sweep.json").write_text(json.dumps(sweep_record(recipe), indent=1))
 
 
-def _dry_run(recipe) -> None:
-    """List stage one's state (a sweep) and every stage-two run that can be named now."""
+def _dry_run(recipe, variants) -> None:
+    """List what ``lostlm bench`` would do for ``variants`` (``--methods``, default all): stage
+    one's state (a sweep), every stage-two run that can be named now, and the promoted seeds of
+    one-seed variants (``promote_seeds``) as far as their first seed has decided them."""
     def state(folder):
         loss = run_loss(folder)
         return "todo" if loss is None else "done"
 
     if recipe.sweep is not None:
-        for v in recipe.variants:
+        for v in variants:
             st = stage_one(recipe, v)
             points = " ".join(f"{lr:.3g}:{loss:.4f}" for lr, loss in sorted(st["points"].items()))
             what = f"next lr {st['next']:.3g}" if "next" in st else f"chosen lr {st['chosen']}" + (" (AT EDGE)" if st["at_edge"] else "")
             print(f"sweep  {v.name:24s} {what}   finished: {points or 'none'}")
     kept = kept_variants(recipe) if recipe.sweep is not None and recipe.sweep.per_method else None
-    for v in recipe.variants:
+    for v in variants:
         if kept is not None and kept[v.method] != v.name:
             why = "another variant of its method has not finished stage one" if kept[v.method] is None else \
                 f"not kept: {kept[v.method]} has the lower stage-one loss"
@@ -111,3 +113,13 @@ def _dry_run(recipe) -> None:
         for seed in recipe.seeds_of(v):
             folder = run_dir(recipe, v, seed, lr=lr)
             print(f"{state(folder)}   {v.name:24s} seed {seed}  {folder}  {' '.join(v.overrides)}")
+        decided = promotion(recipe, v)
+        seeds = ",".join(map(str, recipe.promote_seeds))
+        if decided == "promoted":
+            for seed in recipe.promote_seeds:
+                folder = run_dir(recipe, v, seed, lr=lr)
+                print(f"{state(folder)}   {v.name:24s} seed {seed}  {folder}  (promoted: beat {recipe.reference} at its seed)")
+        elif decided == "wait":
+            print(f"wait   {v.name:24s} seeds {seeds} if it beats {recipe.reference} at seed {recipe.seeds_of(v)[0]}")
+        elif decided == "not promoted":
+            print(f"skip   {v.name:24s} seeds {seeds}: did not beat {recipe.reference} at seed {recipe.seeds_of(v)[0]}")

@@ -172,15 +172,20 @@ def _kept_only(recipe: Recipe, ready: list[Variant], log) -> list[Variant]:
     return [v for v in ready if kept[v.method] == v.name]
 
 
-def _promoted(recipe: Recipe, variant: Variant) -> bool:
-    """A one-seed variant that beat the reference at that seed (recipe.promote_seeds)."""
+def promotion(recipe: Recipe, variant: Variant) -> str | None:
+    """Whether a one-seed variant earns ``recipe.promote_seeds``: ``"promoted"`` (its loss at
+    that seed is below the reference's), ``"not promoted"`` (equal or above), ``"wait"`` (either
+    run has not finished), or None where promotion does not apply (no promote_seeds, the
+    reference itself, a variant with several seeds of its own)."""
     if not recipe.promote_seeds or variant.name == recipe.reference or len(recipe.seeds_of(variant)) != 1:
-        return False
+        return None
     seed = recipe.seeds_of(variant)[0]
     ref = next(v for v in recipe.variants if v.name == recipe.reference)
     mine = run_loss(run_dir(recipe, variant, seed, lr=chosen_lr(recipe, variant)))
     theirs = run_loss(run_dir(recipe, ref, seed, lr=chosen_lr(recipe, ref)))
-    return mine is not None and theirs is not None and mine < theirs
+    if mine is None or theirs is None:
+        return "wait"
+    return "promoted" if mine < theirs else "not promoted"
 
 
 def run_bench(recipe: Recipe, lock: str | None = None, log=print, stage: str = "all",
@@ -214,7 +219,7 @@ def run_bench(recipe: Recipe, lock: str | None = None, log=print, stage: str = "
                     _train(recipe, variant, seed, lrs[variant.name], "runs", peak, lock, log, failures)
                     _report(recipe)
         for variant in ready:
-            if _promoted(recipe, variant):
+            if promotion(recipe, variant) == "promoted":
                 log(f"  {variant.name}: beat {recipe.reference} at its one seed; running seeds {recipe.promote_seeds}")
                 for seed in recipe.promote_seeds:
                     _train(recipe, variant, seed, lrs[variant.name], "runs", peak, lock, log, failures)
