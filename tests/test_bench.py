@@ -109,9 +109,10 @@ def test_one_seed_variants_get_the_promoted_seeds_only_if_they_beat_the_referenc
     assert main(["bench", str(path)]) == 0
     capsys.readouterr()
     results = tmp_path / "results"
-    loss = {v.name: {s: json.loads((run_dir(load_recipe(path), v, s) / "summary.json").read_text())["val_loss"]
-                     for s in (0, 1) if (run_dir(load_recipe(path), v, s) / "summary.json").is_file()}
-            for v in load_recipe(path).variants}
+    recipe = load_recipe(path)
+    summaries = {v.name: {s: run_dir(recipe, v, s) / "summary.json" for s in (0, 1)} for v in recipe.variants}
+    loss = {name: {s: json.loads(f.read_text())["val_loss"] for s, f in files.items() if f.is_file()}
+            for name, files in summaries.items()}
     assert loss["fast"][0] < loss["still"][0] and loss["same"][0] == loss["still"][0]  # the premise of the test
     assert sorted(loss["fast"]) == [0, 1] and sorted(loss["same"]) == [0] and sorted(loss["still"]) == [0, 1]
     fast = next(p for p in json.loads((results / "results.json").read_text())["paired"] if p["variant"] == "fast")
