@@ -102,6 +102,11 @@ class LostAuto(LostPad16):
         self.pad_to = lost_pad_multiple(rank)
 
 
+# the LOST layer as lostlm trains it, and the forward-pass variants timed against it
+LOST_FORMS = {"lost": LOSTLinear, "lost-pad16": LostPad16, "lost-pad64": LostPad64, "lost-auto": LostAuto,
+              "lost-onegemm": LostOneGemm, "lost-concat": LostConcat}
+
+
 def build(method: str, out_features: int, in_features: int, rank: int, density: float, seed: int) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     w0 = torch.randn(out_features, in_features, generator=g) * 0.02
@@ -114,18 +119,8 @@ def build(method: str, out_features: int, in_features: int, rank: int, density: 
         return LowRankLinear(w0, rank, init="random", activation="silu", generator=g)
     if method == "lowrank":
         return LowRankLinear(w0, rank, init="random", activation="identity", generator=g)
-    if method == "lost":
-        return LOSTLinear(w0, rank, density=density)
-    if method == "lost-pad16":
-        return LostPad16(w0, rank, density=density)
-    if method == "lost-pad64":
-        return LostPad64(w0, rank, density=density)
-    if method == "lost-auto":
-        return LostAuto(w0, rank, density=density)
-    if method == "lost-onegemm":
-        return LostOneGemm(w0, rank, density=density)
-    if method == "lost-concat":
-        return LostConcat(w0, rank, density=density)
+    if method in LOST_FORMS:
+        return LOST_FORMS[method](w0, rank, density=density)
     raise ValueError(method)
 
 

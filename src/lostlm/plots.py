@@ -28,6 +28,14 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def _save(fig, path: Path) -> Path:
+    """Lay out, write and close ``fig`` (pyplot keeps every open figure alive until closed)."""
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_run(metrics_path: Path, out_path: Path, title: str = "") -> Path:
     """Training loss and validation loss against tokens, one PNG."""
     train, evals = read_metrics(metrics_path)
@@ -41,10 +49,7 @@ def plot_run(metrics_path: Path, out_path: Path, title: str = "") -> Path:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_path)
-    plt.close(fig)
-    return Path(out_path)
+    return _save(fig, out_path)
 
 
 def plot_bench(variants: list[dict], out: Path) -> list[Path]:
@@ -73,10 +78,7 @@ def _plot_eval_curves(variants: list[dict], path: Path, key: str, xlabel: str, s
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:  # a report written during stage one has no runs yet
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def _plot_ppl_vs_memory(variants: list[dict], path: Path, colors: list) -> Path:
@@ -96,10 +98,7 @@ def _plot_ppl_vs_memory(variants: list[dict], path: Path, colors: list) -> Path:
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:  # a report written during stage one has no runs yet
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_sweep(sweep: dict, path: Path) -> Path:
@@ -125,10 +124,7 @@ def plot_sweep(sweep: dict, path: Path) -> Path:
     ax.set_title(f"lr sweep, stage one (seed {sweep.get('seed', '?')})")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def plot_scaling(panels: list[dict], path: Path) -> Path:
@@ -156,7 +152,4 @@ def plot_scaling(panels: list[dict], path: Path) -> Path:
         ax.grid(alpha=0.3, which="both")
         if panel["runs"]:
             ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
