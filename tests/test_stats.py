@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from lostlm.bench.stats import format_paired, paired, paired_table, subject_table, verdict
+from lostlm.bench.report import _leader
+from lostlm.bench.stats import format_paired, leader, paired, paired_table, subject_table, verdict
 
 
 def test_hand_computed_example():
@@ -41,19 +42,20 @@ def test_verdict_is_two_standard_errors(mean, se, expected):
     assert verdict(mean, se) == expected
 
 
+def _variant(name, losses):
+    """A variant as the report's collect() gives it: name, and runs with seed and summary.val_loss."""
+    return {"name": name, "runs": [{"seed": s, "summary": {"val_loss": l}} for s, l in losses.items()]}
+
+
 def test_paired_table_skips_the_reference_and_unfinished_variants():
-    def v(name, losses):
-        return {"name": name, "runs": [{"seed": s, "summary": {"val_loss": l}} for s, l in losses.items()]}
-    rows = paired_table([v("full", {0: 5.0, 1: 5.2}), v("lost", {0: 4.9, 1: 5.0}), v("cola", {})], "full")
+    rows = paired_table([_variant("full", {0: 5.0, 1: 5.2}), _variant("lost", {0: 4.9, 1: 5.0}), _variant("cola", {})], "full")
     assert [r["variant"] for r in rows] == ["lost"] and rows[0]["diffs"] == pytest.approx([-0.1, -0.2])
-    assert paired_table([v("lost", {0: 1.0})], "full") == []
+    assert paired_table([_variant("lost", {0: 1.0})], "full") == []
 
 
 def test_subject_table_pairs_the_subject_against_every_other_finished_variant():
-    def v(name, losses):
-        return {"name": name, "runs": [{"seed": s, "summary": {"val_loss": l}} for s, l in losses.items()]}
-    variants = [v("full", {0: 5.0, 1: 5.2, 2: 5.1}), v("lost", {0: 4.9, 1: 5.0, 2: 4.8}), v("cola", {0: 4.8, 2: 4.7}),
-                v("sltrain", {})]
+    variants = [_variant("full", {0: 5.0, 1: 5.2, 2: 5.1}), _variant("lost", {0: 4.9, 1: 5.0, 2: 4.8}),
+                _variant("cola", {0: 4.8, 2: 4.7}), _variant("sltrain", {})]
     rows = subject_table(variants, "lost")
     assert [(r["variant"], r["reference"]) for r in rows] == [("lost", "full"), ("lost", "cola")]
     assert rows[0]["diffs"] == pytest.approx([-0.1, -0.2, -0.3]) and rows[1]["seeds"] == [0, 2]
@@ -61,3 +63,18 @@ def test_subject_table_pairs_the_subject_against_every_other_finished_variant():
     text = "\n".join(format_paired(rows, subject="lost"))
     assert "of `lost` against each other variant" in text and "| cola | 0,2 | +0.1000, +0.1000 |" in text
     assert subject_table(variants, "sltrain") == []
+
+
+def test_the_leader_is_the_lowest_mean_among_the_variants_with_the_most_seeds():
+    variants = [_variant("full", {0: 5.0, 1: 5.2, 2: 5.1}), _variant("lost", {0: 4.9, 1: 5.0, 2: 4.8}),
+                _variant("sltrain", {0: 4.8, 1: 4.95, 2: 4.85}),   # mean 4.8667 < LOST's 4.9000
+                _variant("cola", {0: 3.0}),                        # lowest, but one seed: could be luck
+                _variant("lowrank", {0: 1.0, 1: math.nan, 2: 1.0}),  # a diverged seed: two finished
+                _variant("galore", {})]
+    assert leader(variants) == "sltrain"
+    assert leader([_variant("galore", {})]) is None
+    # the report pairs the leader against every other variant unless it is the subject already
+    rows = _leader(variants, "lost")
+    assert rows["leader"] == "sltrain" and [r["reference"] for r in rows["leader_paired"]] == ["full", "lost", "cola", "lowrank"]
+    assert rows["leader_paired"][1]["diffs"] == pytest.approx([-0.1, -0.05, 0.05])
+    assert _leader(variants, "sltrain") == {"leader": "sltrain", "leader_paired": []}

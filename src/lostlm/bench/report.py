@@ -16,7 +16,7 @@ from typing import Any
 from ..configs import Config
 from ..errors import LostLMError
 from .recipe import Recipe, load_recipe, run_dir
-from .stats import format_paired, paired_table, subject_table
+from .stats import format_paired, leader, paired_table, subject_table
 
 
 def machine_info() -> dict:
@@ -172,6 +172,7 @@ def collect(results_dir: Path, recipe: Recipe | None = None) -> list[dict]:
 
 # -- the Markdown table ------------------------------------------------------------------------
 
+LEADER_WHY = " (lowest mean loss among the variants with the most seeds)"
 TABLE_NOTE = ("Validation perplexity is token-weighted over the whole held-out set at the last step; std is over "
               "seeds (sample std; 0 with one seed). Weights+grads+optim: fp32 master weights, fp32 grads, Adam's two "
               "fp32 moments (GaLore: projected moments + projector), from the shapes (`lostlm.estimate`). Peak memory: "
@@ -251,6 +252,8 @@ def format_results(variants: list[dict], info: dict) -> str:
         lines += ["", *format_paired(info["paired"], reference)]
     if info.get("subject_paired"):
         lines += ["", *format_paired(info["subject_paired"], subject=info["subject"])]
+    if info.get("leader_paired"):
+        lines += ["", *format_paired(info["leader_paired"], subject=info["leader"], why=LEADER_WHY)]
     if info.get("per_method"):
         lines += ["", *_per_method_section(variants, info["per_method"])]
     if info.get("sweep"):
@@ -275,7 +278,16 @@ def _per_method(recipe: Recipe, variants: list[dict]) -> dict:
     subject = kept.get(method_of[recipe.subject]) if recipe.subject else None
     return {"kept": kept, "reference": reference, "subject": subject,
             "paired": paired_table(entries, reference) if reference else [],
-            "subject_paired": subject_table(entries, subject) if subject else []}
+            "subject_paired": subject_table(entries, subject) if subject else [], **_leader(entries, subject)}
+
+
+def _leader(variants: list[dict], subject: str | None) -> dict:
+    """``leader`` (the lowest variant, :func:`stats.leader`) and its paired rows against every
+    other variant, when it is not the subject (whose rows the report has already)."""
+    top = leader(variants)
+    if top is None or top == subject:
+        return {"leader": top, "leader_paired": []}
+    return {"leader": top, "leader_paired": subject_table(variants, top)}
 
 
 def _per_method_section(variants: list[dict], per: dict) -> list[str]:
@@ -297,6 +309,8 @@ def _per_method_section(variants: list[dict], per: dict) -> list[str]:
         lines += ["", *format_paired(per["paired"], per["reference"], level="###")]
     if per["subject_paired"]:
         lines += ["", *format_paired(per["subject_paired"], subject=per["subject"], level="###")]
+    if per["leader_paired"]:
+        lines += ["", *format_paired(per["leader_paired"], subject=per["leader"], level="###", why=LEADER_WHY)]
     return lines
 
 
@@ -367,6 +381,7 @@ def write_report(results_dir: Path, recipe: Recipe | None = None) -> dict:
     info["paired"] = paired_table(variants, info["reference"]) if info["reference"] else []
     info["subject"] = recipe.subject if recipe else None
     info["subject_paired"] = subject_table(variants, info["subject"]) if info["subject"] else []
+    info.update(_leader(variants, info["subject"]))
     if recipe is not None and recipe.sweep is not None and recipe.sweep.per_method:
         info["per_method"] = _per_method(recipe, variants)
     (results_dir / "results.md").write_text(format_results(variants, info))

@@ -83,13 +83,27 @@ def subject_table(variants: list[dict], subject: str) -> list[dict]:
             for v in variants if v["name"] != subject and v["runs"]]
 
 
+def leader(variants: list[dict]) -> str | None:
+    """The variant with the lowest mean validation loss among those that finished the most seeds
+    (a variant with fewer seeds could lead by luck), or None when none finished. The report pairs it
+    against every other variant when it is not the recipe's ``subject``, so a table written to show
+    one method never hides that another one is lower."""
+    by_name = {name: [x for x in losses.values() if _finite(x)] for name, losses in _losses(variants).items()}
+    finished = {name: xs for name, xs in by_name.items() if xs}
+    if not finished:
+        return None
+    most = max(len(xs) for xs in finished.values())
+    return min((statistics.fmean(xs), name) for name, xs in finished.items() if len(xs) == most)[1]
+
+
 def format_paired(rows: list[dict], reference: str | None = None, subject: str | None = None,
-                  level: str = "##") -> list[str]:
+                  level: str = "##", why: str = "") -> list[str]:
     """The Markdown section (heading ``level``) of the paired statistics: every variant against
-    ``reference``, or ``subject`` against every other variant (then the first column names the other one)."""
+    ``reference``, or ``subject`` against every other variant (then the first column names the other one);
+    ``why`` is added to the heading after the subject's name."""
     if not rows:
         return []
-    title = f"against `{reference}`" if subject is None else f"of `{subject}` against each other variant"
+    title = f"against `{reference}`" if subject is None else f"of `{subject}`{why} against each other variant"
     column, key = ("variant", "variant") if subject is None else ("against", "reference")
     lines = [f"{level} Paired difference of validation loss {title}", "", VERDICT_RULE, "",
              f"| {column} | seeds | per-seed d (nats) | mean d ± std | SE | t | verdict |", "|---|---|---|---:|---:|---:|---|"]
