@@ -73,8 +73,9 @@ def test_the_leader_is_the_lowest_mean_among_the_variants_with_the_most_seeds():
                 _variant("galore", {})]
     assert leader(variants) == "sltrain"
     assert leader([_variant("galore", {})]) is None
-    # the report pairs the leader against every other variant unless it is the subject already
-    rows = _leader(variants, "lost")
+    # the report pairs the leader against every other variant unless it is the subject or reference
+    rows = _leader(variants, "lost", "full")
     assert rows["leader"] == "sltrain" and [r["reference"] for r in rows["leader_paired"]] == ["full", "lost", "cola", "lowrank"]
     assert rows["leader_paired"][1]["diffs"] == pytest.approx([-0.1, -0.05, 0.05])
-    assert _leader(variants, "sltrain") == {"leader": "sltrain", "leader_paired": []}
+    assert _leader(variants, "sltrain", "full") == {"leader": "sltrain", "leader_paired": []}
+    assert _leader(variants, "lost", "sltrain") == {"leader": "sltrain", "leader_paired": []}

@@ -278,14 +278,14 @@ def _per_method(recipe: Recipe, variants: list[dict]) -> dict:
     subject = kept.get(method_of[recipe.subject]) if recipe.subject else None
     return {"kept": kept, "reference": reference, "subject": subject,
             "paired": paired_table(entries, reference) if reference else [],
-            "subject_paired": subject_table(entries, subject) if subject else [], **_leader(entries, subject)}
+            "subject_paired": subject_table(entries, subject) if subject else [], **_leader(entries, subject, reference)}
 
 
-def _leader(variants: list[dict], subject: str | None) -> dict:
+def _leader(variants: list[dict], *paired_already: str | None) -> dict:
     """``leader`` (the lowest variant, :func:`stats.leader`) and its paired rows against every
-    other variant, when it is not the subject (whose rows the report has already)."""
+    other variant, unless it is the subject or the reference (whose rows the report has already)."""
     top = leader(variants)
-    if top is None or top == subject:
+    if top is None or top in paired_already:
         return {"leader": top, "leader_paired": []}
     return {"leader": top, "leader_paired": subject_table(variants, top)}
 
@@ -381,7 +381,7 @@ def write_report(results_dir: Path, recipe: Recipe | None = None) -> dict:
     info["paired"] = paired_table(variants, info["reference"]) if info["reference"] else []
     info["subject"] = recipe.subject if recipe else None
     info["subject_paired"] = subject_table(variants, info["subject"]) if info["subject"] else []
-    info.update(_leader(variants, info["subject"]))
+    info.update(_leader(variants, info["subject"], info["reference"]))
     if recipe is not None and recipe.sweep is not None and recipe.sweep.per_method:
         info["per_method"] = _per_method(recipe, variants)
     (results_dir / "results.md").write_text(format_results(variants, info))
